@@ -1,0 +1,225 @@
+"""pcscbridge's command line: the only place that parses arguments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .transports.endpoints import (
+    Endpoint,
+    EndpointError,
+    default_link_endpoint,
+    parse_endpoint,
+)
+
+log = logging.getLogger("pcscbridge")
+
+EXIT_USAGE = 2
+EXIT_GUEST_UNREACHABLE = 69  # attach: no guest server (EX_UNAVAILABLE); --ssh maps it
+
+
+def _endpoint(text: str) -> Endpoint:
+    try:
+        return parse_endpoint(text)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_link = default_link_endpoint()
+    parser = argparse.ArgumentParser(
+        prog="pcscbridge",
+        description="Share the host's smart card readers with VMs, containers and sandboxes.",
+    )
+    parser.add_argument("--version", action="version", version=f"pcscbridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
+        return sub
+
+    guest = command("guest", "In the guest: impersonate pcscd and wait for the host's link.")
+    guest.add_argument(
+        "--listen", metavar="PATH",
+        help="UNIX socket for pcsc-lite clients (point PCSCLITE_CSOCK_NAME at it); "
+        "optional under systemd socket activation",
+    )
+    guest.add_argument(
+        "--link", type=_endpoint, default=default_link, metavar="ENDPOINT",
+        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio "
+        f"(default {default_link})",
+    )
+
+    host = command("host", "On the host: serve the host's readers to a guest.")
+    target = host.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--connect", type=_endpoint, metavar="ENDPOINT",
+        help="dial the guest server's link: unix:PATH, tcp:HOST:PORT or stdio",
+    )
+    target.add_argument(
+        "--ssh", metavar="DESTINATION",
+        help="run `pcscbridge attach` in the guest over SSH (an ~/.ssh/config alias or "
+        "[user@]host[:port])",
+    )
+    host.add_argument(
+        "--backend", choices=("pyscard", "sim"), default="pyscard",
+        help="the host's PC/SC through pyscard (default), or simulated readers",
+    )
+    host.add_argument(
+        "--ssh-config", type=Path, metavar="FILE", help="ssh config file (default ~/.ssh/config)"
+    )
+    host.add_argument(
+        "--accept-new", action="store_true",
+        help="accept and remember an unknown host key (StrictHostKeyChecking=accept-new)",
+    )
+    host.add_argument(
+        "--remote-pcscbridge", default="pcscbridge", metavar="PATH",
+        help="the pcscbridge program in the guest (default: pcscbridge on the guest's PATH)",
+    )
+    host.add_argument(
+        "--guest-link", type=_endpoint, metavar="ENDPOINT",
+        help="the guest server's link endpoint, passed to attach (default: attach's default)",
+    )
+
+    attach = command(
+        "attach", "In the guest: join stdin/stdout to the guest server's link (run by SSH)."
+    )
+    attach.add_argument(
+        "--link", type=_endpoint, default=default_link, metavar="ENDPOINT",
+        help=f"the guest server's link endpoint (default {default_link})",
+    )
+
+    command("demo", "Run the whole bridge with simulated readers and show a client using it.")
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.DEBUG if verbosity else logging.INFO
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        if args.command == "guest":
+            return trio.run(_guest, args)
+        if args.command == "host":
+            return trio.run(_host, args)
+        if args.command == "attach":
+            return trio.run(_attach, args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo()
+    except EndpointError as exc:
+        print(f"pcscbridge {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+async def _guest(args: argparse.Namespace) -> int:
+    from .guest.server import GuestServer
+    from .transports.endpoints import connect, open_listener, systemd_listeners, unix_listener
+
+    activated = systemd_listeners()
+    if activated:
+        client_listener = activated[0]
+    elif args.listen:
+        client_listener = await unix_listener(args.listen, 0o666)  # as pcscd's socket
+    else:
+        print("pcscbridge guest: --listen PATH is required (or socket activation)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    server = GuestServer()
+    link: Endpoint = args.link
+    log.info("serving pcsc-lite clients on %s; host link on %s",
+             args.listen or "the activated socket", link)
+    if link.kind == "stdio":
+        await server.serve(client_listener, link_stream=await connect(link))
+    else:
+        link_listener = activated[1] if len(activated) > 1 else await open_listener(link)
+        await server.serve(client_listener, link_listener=link_listener)
+    return 0
+
+
+def _backend(name: str):  # type: ignore[no-untyped-def]
+    if name == "sim":
+        from .host.backends.sim import SimulatedBackend
+
+        return SimulatedBackend.with_demo_readers()
+    from .host.backends.pyscard import PyscardBackend
+
+    return PyscardBackend()
+
+
+async def _host(args: argparse.Namespace) -> int:
+    from .host.runner import keep_attached
+
+    backend = _backend(args.backend)
+    if args.ssh:
+        from .host.ssh import attach_over_ssh
+
+        return await attach_over_ssh(args, backend)
+    from .transports.endpoints import connect
+
+    endpoint: Endpoint = args.connect
+
+    async def open_link() -> trio.abc.Stream:
+        return await connect(endpoint)
+
+    log.info("serving the host's readers (%s) to the guest at %s", args.backend, endpoint)
+    await keep_attached(
+        open_link, backend, None, guest=str(endpoint),
+        is_transient=lambda exc: isinstance(exc, OSError),
+    )
+    return 0
+
+
+async def _attach(args: argparse.Namespace) -> int:
+    from .transports.endpoints import connect
+    from .transports.stdio import StdioStream
+
+    try:
+        link = await connect(args.link)
+    except OSError as exc:
+        print(
+            f"pcscbridge attach: no guest server at {args.link} ({exc.strerror or exc}); "
+            f"start it with `pcscbridge guest --listen PATH --link {args.link}`",
+            file=sys.stderr,
+        )
+        return EXIT_GUEST_UNREACHABLE
+    stdio = StdioStream()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump, stdio, link, nursery.cancel_scope)
+        nursery.start_soon(_pump, link, stdio, nursery.cancel_scope)
+    return 0
+
+
+async def _pump(
+    source: trio.abc.ReceiveStream, sink: trio.abc.SendStream, scope: trio.CancelScope
+) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        scope.cancel()  # either side ending ends the attachment
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Link endpoints: `unix:PATH`, `tcp:HOST:PORT`, `stdio`; listeners and connections for each."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .stdio import StdioStream
+
+
+class EndpointError(Exception):
+    """An endpoint that cannot be used, with a message for the user."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    kind: str  # "unix", "tcp" or "stdio"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "tcp":
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"tcp:{host}:{self.port}"
+        return "stdio"
+
+
+def default_link_endpoint() -> Endpoint:
+    """$XDG_RUNTIME_DIR/pcscbridge/link.sock, else /tmp/pcscbridge-UID/link.sock."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "pcscbridge" if runtime else Path(f"/tmp/pcscbridge-{os.getuid()}")
+    return Endpoint("unix", path=str(base / "link.sock"))
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    if text == "stdio":
+        return Endpoint("stdio")
+    kind, _, rest = text.partition(":")
+    if kind == "unix" and rest:
+        return Endpoint("unix", path=rest)
+    if kind == "tcp" and rest:
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return Endpoint("tcp", host=host, port=int(port))
+    raise EndpointError(f"bad endpoint {text!r}: use unix:PATH, tcp:HOST:PORT or stdio")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def open_listener(endpoint: Endpoint, mode: int = 0o600) -> trio.SocketListener:
+    if endpoint.kind == "unix":
+        return await unix_listener(endpoint.path, mode)
+    if endpoint.kind == "tcp":
+        if not _is_loopback(endpoint.host):
+            raise EndpointError(
+                f"refusing to listen on {endpoint}: the link has no authentication yet, so a "
+                "non-loopback TCP link would be open to anyone. Listen on 127.0.0.1 or ::1, "
+                "or carry the link over SSH (pcscbridge host --ssh)."
+            )
+        listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
+        return listeners[0]
+    raise EndpointError(f"cannot listen on {endpoint}")
+
+
+async def connect(endpoint: Endpoint) -> trio.abc.Stream:
+    if endpoint.kind == "unix":
+        return await trio.open_unix_socket(endpoint.path)
+    if endpoint.kind == "tcp":
+        stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        # Every link message is one send; never let Nagle hold one back.
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return stream
+    if endpoint.kind == "stdio":
+        return StdioStream()
+    raise EndpointError(f"cannot connect to {endpoint}")
+
+
+async def unix_listener(path: str, mode: int) -> trio.SocketListener:
+    """Listen on a UNIX socket path, replacing a stale socket file but never a live one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        if not stat.S_ISSOCK(target.lstat().st_mode):
+            raise EndpointError(f"{path} exists and is not a socket; refusing to replace it")
+        if await _socket_alive(path):
+            raise EndpointError(f"{path} is in use by a running server")
+        target.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise EndpointError(f"cannot listen on {path}: {exc.strerror}") from None
+    return trio.SocketListener(sock)
+
+
+async def _socket_alive(path: str) -> bool:
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await probe.connect(path)
+        return True
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+
+
+def systemd_listeners() -> list[trio.SocketListener]:
+    """Sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), in order."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    listeners = []
+    for fd in range(3, 3 + count):
+        sock = trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
+        os.close(fd)
+        listeners.append(trio.SocketListener(sock))
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return listeners
