@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,12 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     guest = command("guest", "In the guest: impersonate pcscd and wait for the host's link.")
     guest.add_argument(
-        "--listen", metavar="PATH",
+        "--listen",
+        metavar="PATH",
         help="UNIX socket for pcsc-lite clients (point PCSCLITE_CSOCK_NAME at it); "
         "optional under systemd socket activation",
     )
     guest.add_argument(
-        "--link", type=_endpoint, default=default_link, metavar="ENDPOINT",
+        "--link",
+        type=_endpoint,
+        default=default_link,
+        metavar="ENDPOINT",
         help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio "
         f"(default {default_link})",
     )
@@ -61,31 +64,41 @@ def build_parser() -> argparse.ArgumentParser:
     host = command("host", "On the host: serve the host's readers to a guest.")
     target = host.add_mutually_exclusive_group(required=True)
     target.add_argument(
-        "--connect", type=_endpoint, metavar="ENDPOINT",
+        "--connect",
+        type=_endpoint,
+        metavar="ENDPOINT",
         help="dial the guest server's link: unix:PATH, tcp:HOST:PORT or stdio",
     )
     target.add_argument(
-        "--ssh", metavar="DESTINATION",
+        "--ssh",
+        metavar="DESTINATION",
         help="run `pcscbridge attach` in the guest over SSH (an ~/.ssh/config alias or "
         "[user@]host[:port])",
     )
     host.add_argument(
-        "--backend", choices=("pyscard", "sim"), default="pyscard",
+        "--backend",
+        choices=("pyscard", "sim"),
+        default="pyscard",
         help="the host's PC/SC through pyscard (default), or simulated readers",
     )
     host.add_argument(
         "--ssh-config", type=Path, metavar="FILE", help="ssh config file (default ~/.ssh/config)"
     )
     host.add_argument(
-        "--accept-new", action="store_true",
+        "--accept-new",
+        action="store_true",
         help="accept and remember an unknown host key (StrictHostKeyChecking=accept-new)",
     )
     host.add_argument(
-        "--remote-pcscbridge", default="pcscbridge", metavar="PATH",
+        "--remote-pcscbridge",
+        default="pcscbridge",
+        metavar="PATH",
         help="the pcscbridge program in the guest (default: pcscbridge on the guest's PATH)",
     )
     host.add_argument(
-        "--guest-link", type=_endpoint, metavar="ENDPOINT",
+        "--guest-link",
+        type=_endpoint,
+        metavar="ENDPOINT",
         help="the guest server's link endpoint, passed to attach (default: attach's default)",
     )
 
@@ -93,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "attach", "In the guest: join stdin/stdout to the guest server's link (run by SSH)."
     )
     attach.add_argument(
-        "--link", type=_endpoint, default=default_link, metavar="ENDPOINT",
+        "--link",
+        type=_endpoint,
+        default=default_link,
+        metavar="ENDPOINT",
         help=f"the guest server's link endpoint (default {default_link})",
     )
 
@@ -104,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbosity: int) -> None:
     level = logging.DEBUG if verbosity else logging.INFO
     logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
 
 
@@ -141,13 +159,15 @@ async def _guest(args: argparse.Namespace) -> int:
     elif args.listen:
         client_listener = await unix_listener(args.listen, 0o666)  # as pcscd's socket
     else:
-        print("pcscbridge guest: --listen PATH is required (or socket activation)",
-              file=sys.stderr)
+        print("pcscbridge guest: --listen PATH is required (or socket activation)", file=sys.stderr)
         return EXIT_USAGE
     server = GuestServer()
     link: Endpoint = args.link
-    log.info("serving pcsc-lite clients on %s; host link on %s",
-             args.listen or "the activated socket", link)
+    log.info(
+        "serving pcsc-lite clients on %s; host link on %s",
+        args.listen or "the activated socket",
+        link,
+    )
     if link.kind == "stdio":
         await server.serve(client_listener, link_stream=await connect(link))
     else:
@@ -183,7 +203,10 @@ async def _host(args: argparse.Namespace) -> int:
 
     log.info("serving the host's readers (%s) to the guest at %s", args.backend, endpoint)
     await keep_attached(
-        open_link, backend, None, guest=str(endpoint),
+        open_link,
+        backend,
+        None,
+        guest=str(endpoint),
         is_transient=lambda exc: isinstance(exc, OSError),
     )
     return 0

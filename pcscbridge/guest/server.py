@@ -32,7 +32,7 @@ class GuestServer:
         self.link_generation = 0
         self._client_numbers = itertools.count(1)
         self._link_numbers = itertools.count(1)
-        self.host_ready = trio.Event()  # set while a host is attached (tests, demo)
+        self.readers_pushed = trio.Event()  # the attached host has sent its readers
 
     # --- ids -------------------------------------------------------------------------------
     def register_context(self, session: ClientSession) -> int:
@@ -128,7 +128,6 @@ class GuestServer:
                 await previous.aclose()
             self.link = endpoint
             self.link_generation += 1
-            self.host_ready.set()
         if self.link is endpoint:
             self._link_lost(endpoint)
 
@@ -138,7 +137,7 @@ class GuestServer:
         self.link = None
         self.link_generation += 1  # every handle opened on the old link is now stale
         self._contexts_on_link.clear()
-        self.host_ready = trio.Event()
+        self.readers_pushed = trio.Event()
         self.mirror.clear()
         log.warning("host link lost: readers removed until a host attaches again")
 
@@ -152,6 +151,7 @@ class GuestServer:
             log.warning("malformed readers push from the host: %s", exc)
             return
         self.mirror.update(readers)
+        self.readers_pushed.set()
 
 
 def _reader_entry(item: Any) -> ReaderEntry:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..exceptions import first_leaf
 from ..pcsc import (
     MAX_BUFFER_SIZE,
     PCSCError,
@@ -91,12 +92,17 @@ class ClientSession:
                 nursery.start_soon(self._serve, requests_out)
                 await self._receive(requests_in)
                 nursery.cancel_scope.cancel()
-        except ProtocolViolation as exc:
-            log.warning("client %s: %s; closing the connection", self.name, exc)
-        except HandleMisuse as exc:
-            log.warning("client %s: %s; closing the connection", self.name, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("client %s: connection lost: %s", self.name, exc)
+        except* (ProtocolViolation, HandleMisuse) as group:
+            log.warning("client %s: %s; closing the connection", self.name, first_leaf(group))
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+            log.debug("client %s: connection lost: %s", self.name, first_leaf(group))
+        except* Exception as group:
+            # A bug must cost one connection, never the server.
+            log.error(
+                "client %s: internal error; closing the connection",
+                self.name,
+                exc_info=first_leaf(group),
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
@@ -157,7 +163,11 @@ class ClientSession:
                     log.warning(
                         "client %s speaks pcsc-lite protocol %d.%d, which is not served; "
                         "answering %d.%d %s",
-                        self.name, body.major, body.minor, answer.major, answer.minor,
+                        self.name,
+                        body.major,
+                        body.minor,
+                        answer.major,
+                        answer.minor,
                         rv_name(answer.rv),
                     )
                 return encode_reply(answer)
@@ -302,21 +312,17 @@ class ClientSession:
         h_card = handle.h_card
         match request.command:
             case Command.SCARD_TRANSMIT:
-                (response,) = await call(
-                    "transmit", [h_card, body.send_pci_protocol, request.data]
-                )
+                (response,) = await call("transmit", [h_card, body.send_pci_protocol, request.data])
                 return _transmit_reply(body, response)
             case Command.SCARD_CONTROL:
-                (response,) = await call(
-                    "control", [h_card, body.control_code, request.data]
-                )
+                (response,) = await call("control", [h_card, body.control_code, request.data])
                 if len(response) > body.recv_length:
-                    return encode_reply(body._replace(
-                        bytes_returned=len(response),
-                        rv=ReturnCode.SCARD_E_INSUFFICIENT_BUFFER))
-                return encode_reply(
-                    body._replace(bytes_returned=len(response), rv=0), response
-                )
+                    return encode_reply(
+                        body._replace(
+                            bytes_returned=len(response), rv=ReturnCode.SCARD_E_INSUFFICIENT_BUFFER
+                        )
+                    )
+                return encode_reply(body._replace(bytes_returned=len(response), rv=0), response)
             case Command.SCARD_STATUS:
                 await call("status", [h_card])
                 return encode_reply(body._replace(rv=0))
@@ -341,8 +347,11 @@ class ClientSession:
             case Command.SCARD_GET_ATTRIB:
                 (value,) = await call("get_attrib", [h_card, body.attr_id])
                 if len(value) > min(body.attr_length, MAX_BUFFER_SIZE):
-                    return encode_reply(body._replace(
-                        attr_length=len(value), rv=ReturnCode.SCARD_E_INSUFFICIENT_BUFFER))
+                    return encode_reply(
+                        body._replace(
+                            attr_length=len(value), rv=ReturnCode.SCARD_E_INSUFFICIENT_BUFFER
+                        )
+                    )
                 return encode_reply(body._replace(attr=value, attr_length=len(value), rv=0))
             case Command.SCARD_SET_ATTRIB:
                 await call("set_attrib", [h_card, body.attr_id, body.attr[: body.attr_length]])
@@ -357,9 +366,6 @@ def _transmit_reply(body: TransmitBody, response: bytes) -> bytes:
             body._replace(recv_length=len(response), rv=ReturnCode.SCARD_E_INSUFFICIENT_BUFFER)
         )
     return encode_reply(
-        body._replace(
-            recv_pci_protocol=body.send_pci_protocol, recv_length=len(response), rv=0
-        ),
+        body._replace(recv_pci_protocol=body.send_pci_protocol, recv_length=len(response), rv=0),
         response,
     )
-

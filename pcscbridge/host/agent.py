@@ -7,6 +7,7 @@ pcsc-lite client serialises them; different contexts run concurrently, so a call
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -81,7 +82,10 @@ class HostAgent:
     async def serve(self, stream: trio.abc.Stream) -> None:
         """Serve the link until it ends, then release everything the guest held."""
         endpoint = LinkEndpoint(
-            stream, "host", on_request=self._on_request, peer_name=self.guest,
+            stream,
+            "host",
+            on_request=self._on_request,
+            peer_name=self.guest,
             capabilities=("readers",),
         )
         self._endpoint = endpoint
@@ -104,10 +108,8 @@ class HostAgent:
             return
         self._last_readers = rows
         log.debug("readers now: %s", [(row[0], hex(row[2])) for row in rows])
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._endpoint.send(Push("readers", rows))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     # --- request dispatch ------------------------------------------------------------------
     async def _on_request(self, request: Request) -> Response:
@@ -157,9 +159,7 @@ class HostAgent:
             guest_context.cards.add(h_card)
         return [protocol]
 
-    async def _card_call(
-        self, method: str, h_card: Any, *args: Any
-    ) -> tuple[GuestCard, Any]:
+    async def _card_call(self, method: str, h_card: Any, *args: Any) -> tuple[GuestCard, Any]:
         card = self._card(h_card)
         self._check(method, card.reader, *args)
         async with self.contexts[card.h_context].lock:

@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from .. import __version__
+from ..exceptions import first_leaf
 from ..pcsc import PCSCError, ReturnCode
 from .protocol import (
     LINK_PROTOCOL,
@@ -75,13 +76,19 @@ class LinkEndpoint:
         """Exchange hellos, then serve until the stream ends. Raises nothing for a lost link."""
         try:
             async with trio.open_nursery() as nursery:
-                await self.send(Hello(self.role, software=f"pcscbridge {__version__}",
-                                      capabilities=self._capabilities))
+                await self.send(
+                    Hello(
+                        self.role,
+                        software=f"pcscbridge {__version__}",
+                        capabilities=self._capabilities,
+                    )
+                )
                 with trio.fail_after(HELLO_TIMEOUT):
                     hello = await self._receive_message()
                 if not isinstance(hello, Hello) or hello.protocol != LINK_PROTOCOL:
-                    raise LinkProtocolError(f"expected a link protocol {LINK_PROTOCOL} hello, "
-                                            f"got {hello!r}")
+                    raise LinkProtocolError(
+                        f"expected a link protocol {LINK_PROTOCOL} hello, got {hello!r}"
+                    )
                 if hello.role == self.role:
                     raise LinkProtocolError(f"peer has the same role {hello.role!r}")
                 self.peer_hello = hello
@@ -93,13 +100,20 @@ class LinkEndpoint:
                         break
                     self._dispatch(message, nursery)
                 nursery.cancel_scope.cancel()
-        except LinkProtocolError as exc:
-            log.warning("link with %s: %s; closing it", self.peer_name, exc)
-        except trio.TooSlowError:
-            log.warning("link with %s: no hello within %.0f s; closing it",
-                        self.peer_name, HELLO_TIMEOUT)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.info("link with %s lost: %s", self.peer_name, exc)
+        except* LinkProtocolError as group:
+            log.warning("link with %s: %s; closing it", self.peer_name, first_leaf(group))
+        except* trio.TooSlowError:
+            log.warning(
+                "link with %s: no hello within %.0f s; closing it", self.peer_name, HELLO_TIMEOUT
+            )
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+            log.info("link with %s lost: %s", self.peer_name, first_leaf(group))
+        except* Exception as group:
+            log.error(
+                "link with %s: internal error; closing it",
+                self.peer_name,
+                exc_info=first_leaf(group),
+            )
         finally:
             self._closed = True
             self._settled.set()
@@ -137,7 +151,11 @@ class LinkEndpoint:
 
     async def _serve_request(self, request: Request) -> None:
         assert self._on_request is not None
-        response = await self._on_request(request)
+        try:
+            response = await self._on_request(request)
+        except Exception:
+            log.exception("serving %s from %s failed", request.method, self.peer_name)
+            response = Response(request.id, ReturnCode.SCARD_F_INTERNAL_ERROR)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.send(response)
 

@@ -115,8 +115,7 @@ class ServerConnection:
         if command == Command.CMD_GET_READER_EVENTS and not dialect.has_reader_events:
             raise ProtocolViolation(f"{command.name} is not part of protocol {dialect}")
         if (
-            command
-            in (Command.CMD_GET_READERS_STATE_SIZE, Command.CMD_GET_READERS_STATE_ARRAY)
+            command in (Command.CMD_GET_READERS_STATE_SIZE, Command.CMD_GET_READERS_STATE_ARRAY)
             and not dialect.has_variable_array
         ):
             raise ProtocolViolation(f"{command.name} is not part of protocol {dialect}")
