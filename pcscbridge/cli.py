@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -132,9 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         if args.command == "guest":
-            return trio.run(_guest, args)
+            return trio.run(_until_stopped, _guest, args)
         if args.command == "host":
-            return trio.run(_host, args)
+            return trio.run(_until_stopped, _host, args)
         if args.command == "attach":
             return trio.run(_attach, args)
         if args.command == "demo":
@@ -147,6 +150,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE
+
+
+async def _until_stopped(
+    command: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
+    """Run a long-lived command; SIGTERM, SIGINT or SIGHUP stop it cleanly (exit status 0)."""
+    result = 0
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("stopping (%s)", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        async def run() -> None:
+            nonlocal result
+            result = await command(args)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_on_signal)
+        nursery.start_soon(run)
+    return result
 
 
 async def _guest(args: argparse.Namespace) -> int:
@@ -163,16 +190,27 @@ async def _guest(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     server = GuestServer()
     link: Endpoint = args.link
+    created = [] if activated else [args.listen]
     log.info(
         "serving pcsc-lite clients on %s; host link on %s",
         args.listen or "the activated socket",
         link,
     )
-    if link.kind == "stdio":
-        await server.serve(client_listener, link_stream=await connect(link))
-    else:
-        link_listener = activated[1] if len(activated) > 1 else await open_listener(link)
-        await server.serve(client_listener, link_listener=link_listener)
+    try:
+        if link.kind == "stdio":
+            await server.serve(client_listener, link_stream=await connect(link))
+        elif len(activated) > 1:
+            await server.serve(client_listener, link_listener=activated[1])
+        else:
+            link_listener = await open_listener(link)
+            if link.kind == "unix":
+                created.append(link.path)
+            await server.serve(client_listener, link_listener=link_listener)
+    finally:
+        # pcscd removes its socket on exit; so do we, for both our sockets.
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     return 0
 
 

@@ -1,0 +1,167 @@
+"""The bridge as users run it: `pcscbridge guest` and `pcscbridge host` as real processes.
+
+Tests and benchmarks start them on paths of their own; the host agent reaches a rig's pcscd
+through PCSCLITE_CSOCK_NAME, exactly as it would reach the host's own pcscd.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .rawclient import RawClient
+
+PCSCBRIDGE = [sys.executable, "-m", "pcscbridge"]
+
+
+class BridgeError(RuntimeError):
+    pass
+
+
+class BridgeProcess:
+    """One `pcscbridge ...` process with its log in a file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            [*PCSCBRIDGE, *argv], env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 5.0) -> int:
+        if self.alive():
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """Die abruptly (SIGKILL), as a crashed or cut-off process would."""
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class Bridge:
+    """A guest server and a host agent joined by a link endpoint, each its own process."""
+
+    def __init__(
+        self,
+        folder: Path,
+        host_pcscd_socket: str | None,
+        *,
+        link: str | None = None,
+        backend: str = "pyscard",
+        verbose: bool = True,
+    ) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.socket_path = str(folder / "pcscd.comm")
+        self.link = link or f"unix:{folder / 'link.sock'}"
+        self.host_pcscd_socket = host_pcscd_socket
+        self.backend = backend
+        self.verbose = verbose
+        self.guest: BridgeProcess | None = None
+        self.host: BridgeProcess | None = None
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        return {**os.environ, "PCSCLITE_CSOCK_NAME": self.socket_path}
+
+    def _flags(self) -> list[str]:
+        return ["-v"] if self.verbose else []
+
+    def start_guest(self) -> BridgeProcess:
+        self.guest = BridgeProcess(
+            "guest",
+            ["guest", *self._flags(), "--listen", self.socket_path, "--link", self.link],
+            self.folder / "guest.log", dict(os.environ),
+        )
+        _wait_for(lambda: os.path.exists(self.socket_path), 10, "guest socket", self.guest)
+        return self.guest
+
+    def start_host(self, extra: list[str] | None = None) -> BridgeProcess:
+        env = dict(os.environ)
+        if self.host_pcscd_socket:
+            env["PCSCLITE_CSOCK_NAME"] = self.host_pcscd_socket
+        self.host = BridgeProcess(
+            "host",
+            ["host", *self._flags(), "--connect", self.link, "--backend", self.backend,
+             *(extra or [])],
+            self.folder / "host.log", env,
+        )
+        return self.host
+
+    def start(self, expected_readers: list[str] | None = None, timeout: float = 15) -> Bridge:
+        self.start_guest()
+        self.start_host()
+        if expected_readers is not None:
+            self.wait_for_readers(expected_readers, timeout)
+        return self
+
+    def guest_readers(self) -> list[str]:
+        with RawClient(self.socket_path) as client:
+            client.version()
+            return [entry.name for entry in client.readers_state() if entry is not None]
+
+    def wait_for_readers(self, expected: list[str], timeout: float = 15) -> None:
+        """Until the guest serves exactly these readers (polled: the host pushes them)."""
+        _wait_for(lambda: sorted(self.guest_readers()) == sorted(expected), timeout,
+                  f"guest readers {expected}", self.host)
+
+    def stop(self) -> None:
+        for process in (self.host, self.guest):
+            if process is not None:
+                process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name} log ---\n{p.log}" for p in (self.guest, self.host) if p is not None
+        )
+
+    def __enter__(self) -> Bridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _wait_for(
+    condition, timeout: float, what: str, process: BridgeProcess | None  # type: ignore[no-untyped-def]
+) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        if process is not None and not process.alive():
+            raise BridgeError(f"{process.name} exited while waiting for {what}:\n{process.log}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+    log = process.log if process is not None else ""
+    raise BridgeError(f"timed out after {timeout}s waiting for {what}\n{log}")
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None
