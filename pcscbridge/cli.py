@@ -6,10 +6,12 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -225,13 +227,10 @@ def _backend(name: str):  # type: ignore[no-untyped-def]
 
 
 async def _host(args: argparse.Namespace) -> int:
-    from .host.runner import keep_attached
-
     backend = _backend(args.backend)
     if args.ssh:
-        from .host.ssh import attach_over_ssh
-
-        return await attach_over_ssh(args, backend)
+        return await _host_over_ssh(args, backend)
+    from .host.runner import keep_attached
     from .transports.endpoints import connect
 
     endpoint: Endpoint = args.connect
@@ -247,6 +246,37 @@ async def _host(args: argparse.Namespace) -> int:
         guest=str(endpoint),
         is_transient=lambda exc: isinstance(exc, OSError),
     )
+    return 0
+
+
+async def _host_over_ssh(args: argparse.Namespace, backend: Any) -> int:
+    from .host.runner import keep_attached
+    from .transports.ssh import SSHLinkError, SSHTarget, open_ssh_link
+
+    command = f"{shlex.quote(args.remote_pcscbridge)} attach"
+    if args.guest_link is not None:
+        command += f" --link {shlex.quote(str(args.guest_link))}"
+    target = SSHTarget(
+        args.ssh, remote_command=command, ssh_config=args.ssh_config, accept_new=args.accept_new
+    )
+    attached_once = False
+
+    async def open_link() -> trio.abc.Stream:
+        nonlocal attached_once
+        link = await open_ssh_link(target)
+        attached_once = True
+        return link
+
+    def transient(exc: Exception) -> bool:
+        # The first attempt reports every failure; later, what can heal by itself is retried.
+        return attached_once and isinstance(exc, SSHLinkError) and exc.retryable
+
+    log.info("serving the host's readers (%s) to %s over SSH", args.backend, args.ssh)
+    try:
+        await keep_attached(open_link, backend, None, guest=args.ssh, is_transient=transient)
+    except SSHLinkError as exc:
+        print(f"pcscbridge host: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
