@@ -325,7 +325,7 @@ class SimulatedBackend:
     def connect(
         self, context: int, reader: str, share_mode: int, preferred_protocols: int
     ) -> tuple[int, int]:
-        if len(reader.encode()) >= MAX_READERNAME:
+        if len(reader.encode()) > MAX_READERNAME:  # libpcsclite's own check
             raise _fail(RC.SCARD_E_INVALID_VALUE, "reader name too long")
         with self._context_call(context) as ctx:
             if share_mode != ShareMode.DIRECT and not preferred_protocols & _TRANSPORT_PROTOCOLS:
@@ -590,6 +590,8 @@ class SimulatedBackend:
         with self._cond:
             while self._generation == generation and not self._closed:
                 self._block()
+            if self._closed:
+                raise _fail(RC.SCARD_F_COMM_ERROR, "the simulated service closed")
 
     def _wait_in_daemon(self) -> None:
         self._block()
