@@ -132,7 +132,11 @@ class ReaderStatus(IntFlag):
 
 
 class State(IntFlag):
-    """SCARD_STATE_* bits of SCARD_READERSTATE.dwCurrentState / dwEventState (low 16 bits)."""
+    """SCARD_STATE_* bits of SCARD_READERSTATE.dwCurrentState / dwEventState (low 16 bits).
+
+    The upper 16 bits carry the event counter, which is not a member: clear a bit with
+    `value & ~int(State.CHANGED)`, since `~State.CHANGED` keeps only the named bits.
+    """
 
     UNAWARE = 0x0000
     IGNORE = 0x0001

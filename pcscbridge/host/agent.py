@@ -17,7 +17,7 @@ import trio
 
 from ..link.endpoint import LinkEndpoint
 from ..link.protocol import Push, Request, Response
-from ..pcsc import Disposition, PCSCError, ReturnCode, rv_name
+from ..pcsc import PCSCError, ReturnCode, rv_name
 from .backend import Backend, Card, Context
 from .policy import AllowAll, Call, Policy
 from .watcher import ReaderRow, watch_readers
@@ -149,6 +149,13 @@ class HostAgent:
             raise BadArguments(f"card handle {h_card} already in use")
         self._check("connect", reader, share_mode, protocols)
         guest_context = self.contexts.setdefault(h_context, GuestContext())
+        if any(
+            self.cards[c].reader == reader and self.cards[c].in_transaction
+            for c in guest_context.cards
+        ):
+            # pcscd would hold this connect behind the context's own transaction forever, and
+            # keep the reader stuck even after the client is gone. Refuse instead.
+            raise PCSCError(ReturnCode.SCARD_E_SHARING_VIOLATION, "own transaction is active")
         async with guest_context.lock:
             if guest_context.context is None:
                 guest_context.context = await self._run(self.backend.establish_context)
@@ -187,8 +194,11 @@ class HostAgent:
         return []
 
     async def _end_transaction(self, h_card: Any, disposition: Any) -> list[Any]:
-        card, _ = await self._card_call("end_transaction", h_card, _int(disposition))
-        card.in_transaction = False
+        card = self._card(h_card)
+        try:
+            await self._card_call("end_transaction", h_card, _int(disposition))
+        finally:
+            card.in_transaction = False  # also when it failed: removed card, reset, ...
         return []
 
     async def _status(self, h_card: Any) -> list[Any]:
@@ -226,15 +236,11 @@ class HostAgent:
             guest_context.cards.discard(h_card)
 
     async def _release(self, guest_context: GuestContext) -> None:
-        """As pcscd does for a client that goes away: handles are left as they are, except
-        that a transaction still held ends with a card reset."""
-        for h_card in list(guest_context.cards):
-            card = self.cards.pop(h_card)
-            disposition = Disposition.RESET_CARD if card.in_transaction else Disposition.LEAVE_CARD
-            try:
-                await self._run(self.backend.disconnect, card.card, disposition)
-            except PCSCError as exc:
-                log.debug("disconnect on release: %s", exc)
+        """Releasing the PC/SC context makes the host's stack do what pcscd does for a client
+        that goes away: handles are left as they are, but a transaction still held ends with a
+        card reset."""
+        for h_card in guest_context.cards:
+            self.cards.pop(h_card, None)
         guest_context.cards.clear()
         if guest_context.context is not None:
             try:

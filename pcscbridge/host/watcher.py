@@ -12,13 +12,16 @@ from typing import Any
 
 import trio
 
-from ..pcsc import INFINITE, PNP_NOTIFICATION, PCSCError, ReaderStatus, ReturnCode, State
+from ..pcsc import PNP_NOTIFICATION, PCSCError, ReaderStatus, ReturnCode, State
 from .backend import Backend, ReaderState
 
 log = logging.getLogger("pcscbridge.host.watcher")
 
 ReaderRow = list[Any]  # [name, event_counter, state, sharing, atr, protocol], as on the link
 RETRY_DELAY = 1.0
+# Waits end by themselves this often: a cancel that reaches pcsc-lite before its wait began is
+# dropped, and a wait that never ends would hold the context (and our shutdown) forever.
+WAIT_SLICE_MS = 2000
 
 
 def reader_row(state: ReaderState) -> ReaderRow:
@@ -84,7 +87,7 @@ async def _watch_with_context(
                 result = await trio.to_thread.run_sync(
                     backend.get_status_change,
                     context,
-                    INFINITE,
+                    WAIT_SLICE_MS,
                     _next_round([*states, pnp]),
                     abandon_on_cancel=True,
                     limiter=limiter,
@@ -108,7 +111,8 @@ async def _watch_with_context(
 
 def _next_round(states: list[ReaderState]) -> list[ReaderState]:
     return [
-        ReaderState(s.reader, current_state=s.event_state & ~State.CHANGED, atr=s.atr)
+        # int(): ~ on an IntFlag keeps only named bits and would drop the event counter.
+        ReaderState(s.reader, current_state=s.event_state & ~int(State.CHANGED), atr=s.atr)
         for s in states
     ]
 
