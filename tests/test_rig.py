@@ -28,6 +28,7 @@ from pcscbridge.testing.pcscd_rig import (
     run_pcsc_client,
     run_pyscard,
 )
+from pcscbridge.testing.rawclient import card_present
 from pcscbridge.testing.relay import C2S, S2C, LoggingRelay
 from pcscbridge.testing.vpcd_card import VpcdCard
 
@@ -345,8 +346,8 @@ def test_rig_layout(pcscd_rig: PcscdRig) -> None:
     ports = [slot.port for slot in rig.slots]
     assert len(set(ports)) == 4 and ports[1] == ports[0] + 1 and ports[3] == ports[2] + 1
     states = rig.reader_states()
-    assert states[READER0].card_present and states[READER0].atr == DEFAULT_ATR
-    assert [states[name].card_present for name in rig.reader_names[1:]] == [False] * 3
+    assert card_present(states[READER0]) and states[READER0].atr == DEFAULT_ATR
+    assert [card_present(states[name]) for name in rig.reader_names[1:]] == [False] * 3
 
 
 @pytest.mark.rig

@@ -41,7 +41,9 @@ def _connect(scard: Any, reader: str, share: int | None = None) -> tuple[Any, An
     hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     _check("SCardEstablishContext", hresult)
     hresult, card, protocol = scard.SCardConnect(
-        context, reader, share or scard.SCARD_SHARE_SHARED,
+        context,
+        reader,
+        share or scard.SCARD_SHARE_SHARED,
         scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
     )
     _check("SCardConnect", hresult)
@@ -63,17 +65,25 @@ def full(reader: str) -> int:
     hresult, readers = scard.SCardListReaders(context, [])
     _emit(call="SCardListReaders", rv=hresult, readers=readers)
     hresult, states = scard.SCardGetStatusChange(context, 0, [(r, 0) for r in readers])
-    _emit(call="SCardGetStatusChange", rv=hresult,
-          states=[[n, s & ~scard.SCARD_STATE_CHANGED & 0xFFFF, bytes(a).hex()]
-                  for n, s, a in states])
+    _emit(
+        call="SCardGetStatusChange",
+        rv=hresult,
+        states=[[n, s & ~scard.SCARD_STATE_CHANGED & 0xFFFF, bytes(a).hex()] for n, s, a in states],
+    )
     hresult, card, protocol = scard.SCardConnect(
         context, reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
     )
     _emit(call="SCardConnect", rv=hresult, protocol=protocol)
     pci = scard.SCARD_PCI_T1
     hresult, name, state, protocol, atr = scard.SCardStatus(card)
-    _emit(call="SCardStatus", rv=hresult, reader=name, state=state & 0xFFFF, protocol=protocol,
-          atr=bytes(atr).hex())
+    _emit(
+        call="SCardStatus",
+        rv=hresult,
+        reader=name,
+        state=state & 0xFFFF,
+        protocol=protocol,
+        atr=bytes(atr).hex(),
+    )
     for label, apdu in [
         ("select app", SELECT_APP),
         ("select 0102", bytes.fromhex("00A4020C020102")),
@@ -81,17 +91,32 @@ def full(reader: str) -> int:
         ("select 0103", bytes.fromhex("00A4020C020103")),
         ("read 60 KiB", bytes.fromhex("00B00000000000")),
         ("respond 4096", bytes.fromhex("80121000")),
-        ("echo 60000", bytes.fromhex("80100000 00") + (60000).to_bytes(2, "big")
-         + bytes(i & 0xFF for i in range(60000))),
+        (
+            "echo 60000",
+            bytes.fromhex("80100000 00")
+            + (60000).to_bytes(2, "big")
+            + bytes(i & 0xFF for i in range(60000)),
+        ),
         ("unknown ins", bytes.fromhex("00FF0000")),
         ("status word", bytes.fromhex("80146A88")),
     ]:
         hresult, response = scard.SCardTransmit(card, pci, list(apdu))
-        _emit(call="SCardTransmit", what=label, rv=hresult, length=len(response),
-              head=bytes(response[:16]).hex(), tail=bytes(response[-4:]).hex())
+        _emit(
+            call="SCardTransmit",
+            what=label,
+            rv=hresult,
+            length=len(response),
+            head=bytes(response[:16]).hex(),
+            tail=bytes(response[-4:]).hex(),
+        )
     hresult, response = scard.SCardTransmit(card, pci, list(bytes.fromhex("0084000008")))
-    _emit(call="SCardTransmit", what="challenge", rv=hresult, length=len(response),
-          sw=bytes(response[-2:]).hex())
+    _emit(
+        call="SCardTransmit",
+        what="challenge",
+        rv=hresult,
+        length=len(response),
+        sw=bytes(response[-2:]).hex(),
+    )
     hresult, value = scard.SCardGetAttrib(card, SCARD_ATTR_ATR_STRING)
     _emit(call="SCardGetAttrib", rv=hresult, value=bytes(value).hex())
     hresult, response = scard.SCardControl(card, CM_IOCTL_GET_FEATURE_REQUEST, [])
@@ -122,9 +147,9 @@ def session(reader: str, reads: str = "20") -> int:
     started = time.perf_counter()
     hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     _check("SCardEstablishContext", hresult)
-    hresult, readers = scard.SCardListReaders(context, [])
+    hresult, _readers = scard.SCardListReaders(context, [])
     _check("SCardListReaders", hresult)
-    hresult, card, protocol = scard.SCardConnect(
+    hresult, card, _protocol = scard.SCardConnect(
         context, reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
     )
     _check("SCardConnect", hresult)
@@ -157,7 +182,7 @@ def hold_transaction(reader: str) -> int:
 def begin_transaction(reader: str) -> int:
     """Connect, say CONNECTED, begin a transaction (may block), say BEGUN, hold until stdin."""
     scard = _scard()
-    context, card, pci = _connect(scard, reader)
+    _context, card, _pci = _connect(scard, reader)
     print("CONNECTED", flush=True)
     _check("SCardBeginTransaction", scard.SCardBeginTransaction(card))
     print("BEGUN", flush=True)
@@ -191,13 +216,12 @@ def long_lived(reader: str) -> int:
         hresult, readers = scard.SCardListReaders(context, [])
         result: dict[str, Any] = {"list_rv": hresult & 0xFFFFFFFF, "readers": readers or []}
         if hresult == 0 and reader in readers:
-            hresult, card, protocol = scard.SCardConnect(
+            hresult, card, _protocol = scard.SCardConnect(
                 context, reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
             )
             result["connect_rv"] = hresult & 0xFFFFFFFF
             if hresult == 0:
-                hresult, response = scard.SCardTransmit(
-                    card, scard.SCARD_PCI_T1, list(SELECT_APP))
+                hresult, response = scard.SCardTransmit(card, scard.SCARD_PCI_T1, list(SELECT_APP))
                 result["transmit_rv"] = hresult & 0xFFFFFFFF
                 result["response"] = bytes(response).hex()
                 scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
@@ -209,7 +233,7 @@ def card_after_reset(reader: str) -> int:
     """Connect, say CONNECTED; on a stdin line, report SCardStatus's rv (W_RESET_CARD?) and
     whether a transaction can be begun now."""
     scard = _scard()
-    context, card, pci = _connect(scard, reader)
+    _context, card, _pci = _connect(scard, reader)
     print("CONNECTED", flush=True)
     sys.stdin.readline()
     hresult, *_ = scard.SCardStatus(card)

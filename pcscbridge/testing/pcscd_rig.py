@@ -38,11 +38,9 @@ import argparse
 import contextlib
 import os
 import random
-import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -53,27 +51,14 @@ from pathlib import Path
 from types import TracebackType
 
 from pcscbridge.host.backends.simcard import SimulatedCard
+from pcscbridge.pcsclite.readers import ReaderEntry
+from pcscbridge.testing.rawclient import RawClient, card_present
 from pcscbridge.testing.vpcd_card import VpcdCard
 
 VPCD_DRIVER = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
 PCSCD = "/usr/sbin/pcscd"
 SYSTEM_IPC_DIR = "/run/pcscd"
 MAX_VPCD_ENTRIES = 8  # pcscd 1.9.9 serves at most 16 readers
-
-# pcsc-lite protocol 4.4 (pcscd 1.9.9), native byte order; see
-# /work/shared/spec/pcsc-lite-protocol.md §2, §5, §7.
-_SCARD_ESTABLISH_CONTEXT = 0x01
-_SCARD_RELEASE_CONTEXT = 0x02
-_CMD_VERSION = 0x11
-_CMD_GET_READERS_STATE = 0x12
-_CMD_WAIT_READER_STATE_CHANGE = 0x13
-_CMD_STOP_WAITING_READER_STATE_CHANGE = 0x14
-_SCARD_SCOPE_SYSTEM = 2
-_READER_STATE = struct.Struct("=128sIIi33s3xII")
-_READERS_STATE_ARRAY_SIZE = 16 * _READER_STATE.size
-_SCARD_ABSENT = 0x0002
-_SCARD_PRESENT = 0x0004
-_READER_NOT_INITIALIZED = 34
 
 
 class RigError(RuntimeError):
@@ -84,22 +69,6 @@ class RigError(RuntimeError):
 class VpcdSlot:
     reader: str
     port: int
-
-
-@dataclass(frozen=True)
-class RawReaderState:
-    """One entry of pcscd's readers-state array (protocol §7.1)."""
-
-    reader: str
-    event_counter: int
-    state: int  # SCARD_ABSENT / SCARD_PRESENT / ... bits of the array, not SCARD_STATE_*
-    sharing: int
-    atr: bytes
-    protocol: int
-
-    @property
-    def card_present(self) -> bool:
-        return bool(self.state & _SCARD_PRESENT)
 
 
 class PcscdRig:
@@ -271,7 +240,7 @@ class PcscdRig:
                 raise RigError(f"pcscd exited with {self._proc.returncode}:\n{self.read_log()}")
             if os.path.exists(self.socket_path):
                 try:
-                    seen = {s.reader for s in read_reader_states(self.socket_path)}
+                    seen = {entry.name for entry in read_reader_states(self.socket_path)}
                 except OSError:
                     seen = set()
                 else:
@@ -340,13 +309,13 @@ class PcscdRig:
 
     # -- observing pcscd
 
-    def reader_states(self) -> dict[str, RawReaderState]:
+    def reader_states(self) -> dict[str, ReaderEntry]:
         """A snapshot of pcscd's readers-state array, read over the raw protocol."""
-        return {s.reader: s for s in read_reader_states(self.socket_path)}
+        return {entry.name: entry for entry in read_reader_states(self.socket_path)}
 
     def wait_for_reader_state(
         self, reader: str, present: bool, timeout: float = 5.0
-    ) -> RawReaderState:
+    ) -> ReaderEntry:
         """Wait (event-driven, in this process) until pcscd shows the card present/absent."""
         return wait_for_reader_state(self.socket_path, reader, present, timeout)
 
@@ -424,127 +393,54 @@ def check_rig_prerequisites() -> None:
 # ----------------------------------------------------------------------------- raw 4.4 client
 
 
-class _RawPcscdConnection:
-    """Just enough of the pcsc-lite 4.4 client side to read and wait for reader states."""
-
-    def __init__(self, socket_path: str, timeout: float = 5.0) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(socket_path)
-            self._request(_CMD_VERSION, struct.pack("=iiI", 4, 4, 0))
-            _, _, rv = struct.unpack("=iiI", self._recv(12))
-            if rv:
-                raise OSError(f"pcscd refused protocol 4.4: rv=0x{rv:08X}")
-            self._request(_SCARD_ESTABLISH_CONTEXT, struct.pack("=III", _SCARD_SCOPE_SYSTEM, 0, 0))
-            _, self._context, rv = struct.unpack("=III", self._recv(12))
-            if rv:
-                raise OSError(f"SCARD_ESTABLISH_CONTEXT failed: rv=0x{rv:08X}")
-        except BaseException:
-            self._sock.close()
-            raise
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._request(_SCARD_RELEASE_CONTEXT, struct.pack("=II", self._context, 0))
-            self._recv(8)
-        self._sock.close()
-
-    def __enter__(self) -> _RawPcscdConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _request(self, command: int, body: bytes = b"") -> None:
-        self._sock.sendall(struct.pack("=II", len(body), command) + body)
-
-    def _recv(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("pcscd closed the connection")
-            buf += chunk
-        return bytes(buf)
-
-    def readers_state(self) -> list[RawReaderState]:
-        self._request(_CMD_GET_READERS_STATE)
-        return _parse_readers_state(self._recv(_READERS_STATE_ARRAY_SIZE))
-
-    def register(self) -> list[RawReaderState]:
-        """CMD_WAIT_READER_STATE_CHANGE: registered for one event signal; returns the array."""
-        self._request(_CMD_WAIT_READER_STATE_CHANGE)
-        return _parse_readers_state(self._recv(_READERS_STATE_ARRAY_SIZE))
-
-    def wait_signal(self, timeout: float) -> bool:
-        """True when the event signal came (registration consumed), False on timeout."""
-        readable, _, _ = select.select([self._sock], [], [], max(timeout, 0))
-        if not readable:
-            return False
-        self._recv(8)
-        return True
-
-    def unregister(self) -> None:
-        # Exactly one 8-byte message follows: the STOP reply, or the signal that raced it.
-        self._request(_CMD_STOP_WAITING_READER_STATE_CHANGE)
-        self._recv(8)
+def _open_context(socket_path: str, timeout: float) -> RawClient:
+    client = RawClient(socket_path, timeout)
+    try:
+        version = client.version()
+        if version.rv:
+            raise OSError(f"pcscd refused protocol 4.4: rv=0x{version.rv:08X}")
+        established = client.establish()
+        if established.rv:
+            raise OSError(f"SCARD_ESTABLISH_CONTEXT failed: rv=0x{established.rv:08X}")
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
-def _parse_readers_state(array: bytes) -> list[RawReaderState]:
-    states = []
-    for offset in range(0, len(array), _READER_STATE.size):
-        name, counter, state, sharing, atr, atr_len, protocol = _READER_STATE.unpack_from(
-            array, offset
-        )
-        if not name[:1].strip(b"\0"):
-            continue  # empty slot
-        states.append(
-            RawReaderState(
-                reader=name.split(b"\0", 1)[0].decode(errors="replace"),
-                event_counter=counter,
-                state=state,
-                sharing=sharing,
-                atr=atr[:atr_len] if atr_len <= 33 else b"",
-                protocol=protocol,
-            )
-        )
-    return states
-
-
-def read_reader_states(socket_path: str, timeout: float = 5.0) -> list[RawReaderState]:
+def read_reader_states(socket_path: str, timeout: float = 5.0) -> list[ReaderEntry]:
     """The non-empty entries of a pcscd's readers-state array (raw protocol 4.4)."""
-    with _RawPcscdConnection(socket_path, timeout) as conn:
-        return conn.readers_state()
+    with _open_context(socket_path, timeout) as client:
+        return [entry for entry in client.readers_state() if entry is not None]
 
 
 def wait_for_reader_state(
     socket_path: str, reader: str, present: bool, timeout: float = 5.0
-) -> RawReaderState:
+) -> ReaderEntry:
     """Event-driven wait over the raw protocol until ``reader`` shows a card (or none).
 
     "Present" also requires the ATR to be known, as clients see it only then.
     """
     deadline = time.monotonic() + timeout
-    with _RawPcscdConnection(socket_path, timeout) as conn:
+    with _open_context(socket_path, timeout) as client:
         while True:
-            states = {s.reader: s for s in conn.register()}
+            states = {entry.name: entry for entry in client.wait() if entry is not None}
             entry = states.get(reader)
             if entry is None:
-                conn.unregister()
+                client.unregister()
                 raise RigError(f"no reader {reader!r}; pcscd has {sorted(states)}")
-            done = (entry.card_present and bool(entry.atr)) if present else not entry.card_present
+            done = (card_present(entry) and bool(entry.atr)) if present else not card_present(entry)
             remaining = deadline - time.monotonic()
             if done or remaining <= 0:
-                conn.unregister()
+                client.unregister()
                 if done:
                     return entry
                 raise TimeoutError(
                     f"{reader!r}: card still {'absent' if present else 'present'} "
                     f"after {timeout}s (state 0x{entry.state:X})"
                 )
-            if not conn.wait_signal(remaining):
-                conn.unregister()
+            if not client.wait_signal(remaining):
+                client.unregister()
                 # One last look: the change may have landed just as the wait ended.
                 continue
 

@@ -6,10 +6,12 @@ handling of old dialects and bad input the real client library never produces.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 from typing import NamedTuple
 
+from ..pcsc import ReaderStatus
 from ..pcsclite.messages import (
     LAYOUTS,
     CardBody,
@@ -117,6 +119,19 @@ class RawClient:
         self.send(encode_request(Command.CMD_WAIT_READER_STATE_CHANGE, body or Empty()))
         return decode_table(self.receive(16 * entry_size())) if with_array else []
 
+    def wait_signal(self, timeout: float) -> bool:
+        """True when the event signal came (the registration is used up), False on timeout."""
+        readable, _, _ = select.select([self.sock], [], [], max(timeout, 0))
+        if not readable:
+            return False
+        self.read_signal()
+        return True
+
+    def unregister(self) -> None:
+        """STOP, then the one 8-byte message owed: its reply, or the signal that raced it."""
+        self.stop_waiting()
+        self.read_signal()
+
     def read_signal(self) -> WaitBody:
         return unpack_body(WaitBody, self.receive(8))  # type: ignore[return-value]
 
@@ -134,3 +149,7 @@ class RawClient:
     def readers_state_array(self, count: int) -> list[ReaderEntry | None]:
         self.send(encode_request(Command.CMD_GET_READERS_STATE_ARRAY, Empty()))
         return decode_table(self.receive(count * entry_size()))
+
+
+def card_present(entry: ReaderEntry) -> bool:
+    return bool(entry.state & ReaderStatus.SCARD_PRESENT)
