@@ -196,3 +196,30 @@ def test_demo_runs_and_shows_the_exchange() -> None:
     assert "SCardListReaders -> ['Sim Reader 00 00', 'Sim Reader 01 00']" in out
     assert "SELECT the application by AID" in out and "-> 90 00" in out
     assert "reader empty" in out and "card present, ATR 3B 85 81 31" in out
+
+
+async def test_pushes_are_applied_in_the_order_they_came() -> None:
+    """A hello and two reader pushes arriving in one read: the later push must win, every time
+    (they were once handled by concurrent tasks, in random order)."""
+    import trio
+
+    from pcscbridge.guest.server import GuestServer
+    from pcscbridge.link.protocol import Hello, Push, encode
+
+    reader = ["Host Reader 00 00", 1, 0x34, 0, b"\x3b\x00", 0]
+    for _ in range(30):
+        server = GuestServer()
+        guest_side, host_side = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.attach_host, guest_side)
+            await host_side.send_all(
+                encode(Hello("host"))
+                + encode(Push("readers", []))
+                + encode(Push("readers", [reader]))
+            )
+            with trio.fail_after(5):
+                while not server.readers_pushed.is_set() or len(server.mirror.reader_names) != 1:
+                    await trio.sleep(0)
+                await trio.sleep(0.01)  # give a wrongly ordered second push time to land
+            assert server.mirror.reader_names == ["Host Reader 00 00"]
+            nursery.cancel_scope.cancel()

@@ -29,7 +29,7 @@ log = logging.getLogger("pcscbridge.link")
 
 HELLO_TIMEOUT = 10.0
 RequestHandler = Callable[[Request], Awaitable[Response]]
-PushHandler = Callable[[Push], Awaitable[None]]
+PushHandler = Callable[[Push], Awaitable[None]]  # must not block: it runs in the receive loop
 
 
 class LinkClosed(Exception):
@@ -98,7 +98,12 @@ class LinkEndpoint:
                     message = await self._receive_message()
                     if message is None:
                         break
-                    self._dispatch(message, nursery)
+                    if isinstance(message, Push) and self._on_push is not None:
+                        # In the receive loop, not a task of its own: pushes are state, and a
+                        # later one must never be applied before an earlier one.
+                        await self._on_push(message)
+                    else:
+                        self._dispatch(message, nursery)
                 nursery.cancel_scope.cancel()
         except* LinkProtocolError as group:
             log.warning("link with %s: %s; closing it", self.peer_name, first_leaf(group))
@@ -143,8 +148,6 @@ class LinkEndpoint:
                 channel.close()
             case Request() if self._on_request is not None:
                 nursery.start_soon(self._serve_request, message)
-            case Push() if self._on_push is not None:
-                nursery.start_soon(self._on_push, message)
             case _:
                 kind = type(message).__name__
                 raise LinkProtocolError(f"unexpected {kind} from {self.peer_name}")
