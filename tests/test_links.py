@@ -223,3 +223,37 @@ async def test_pushes_are_applied_in_the_order_they_came() -> None:
                 await trio.sleep(0.01)  # give a wrongly ordered second push time to land
             assert server.mirror.reader_names == ["Host Reader 00 00"]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_peer_is_noticed_by_the_keepalive_and_a_live_one_is_kept() -> None:
+    import trio
+
+    from pcscbridge.host.agent import HostAgent
+    from pcscbridge.host.backends.sim import SimulatedBackend
+    from pcscbridge.link.endpoint import LinkEndpoint
+    from pcscbridge.link.protocol import Hello, encode
+
+    # A peer that says hello and then nothing (a host gone behind a transport that stays open).
+    guest_side, silent_side = trio.testing.memory_stream_pair()
+    endpoint = LinkEndpoint(guest_side, "guest", keepalive=0.2)
+    await silent_side.send_all(encode(Hello("host")))
+    with trio.fail_after(3):
+        await endpoint.run()  # ends by itself: no answer to the ping within 0.4 s
+    assert endpoint.closed
+
+    # A real host agent answers, so the link lives on for many intervals.
+    async def ignore(push: object) -> None:
+        pass
+
+    guest_side, host_side = trio.testing.memory_stream_pair()
+    endpoint = LinkEndpoint(guest_side, "guest", keepalive=0.05, on_push=ignore)
+    backend = SimulatedBackend(["Sim Reader 00 00"])
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(endpoint.run)
+            nursery.start_soon(HostAgent(backend).serve, host_side)
+            await trio.sleep(1.0)
+            assert not endpoint.closed
+            nursery.cancel_scope.cancel()
+    finally:
+        backend.close()

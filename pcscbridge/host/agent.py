@@ -77,6 +77,7 @@ class HostAgent:
             "get_attrib": self._get_attrib,
             "set_attrib": self._set_attrib,
             "release_context": self._release_context,
+            "ping": self._ping,
         }
 
     async def serve(self, stream: trio.abc.Stream) -> None:
@@ -219,6 +220,9 @@ class HostAgent:
 
     async def _set_attrib(self, h_card: Any, attr_id: Any, value: Any) -> list[Any]:
         await self._card_call("set_attrib", h_card, _int(attr_id), _bytes(value))
+        return []
+
+    async def _ping(self) -> list[Any]:
         return []
 
     async def _release_context(self, h_context: Any) -> list[Any]:

@@ -48,6 +48,7 @@ class LinkEndpoint:
         on_push: PushHandler | None = None,
         capabilities: tuple[str, ...] = (),
         peer_name: str = "peer",
+        keepalive: float | None = None,
     ) -> None:
         self.stream = stream
         self.role = role
@@ -62,6 +63,10 @@ class LinkEndpoint:
         self._waiting: dict[int, trio.MemorySendChannel[Response]] = {}
         self._closed = False
         self._settled = trio.Event()  # hello exchanged, or the link ended before that
+        # Seconds between pings; a peer that does not answer within twice that is gone. A
+        # transport can stay open long after the peer went silent (an SSH session whose client
+        # vanished), and only a question asked over the link itself tells.
+        self._keepalive = keepalive
 
     @property
     def closed(self) -> bool:
@@ -94,6 +99,8 @@ class LinkEndpoint:
                 self.peer_hello = hello
                 log.info("link up with %s (%s)", self.peer_name, hello.software or hello.role)
                 self._settled.set()
+                if self._keepalive:
+                    nursery.start_soon(self._ping_forever, self._keepalive)
                 while True:
                     message = await self._receive_message()
                     if message is None:
@@ -128,6 +135,25 @@ class LinkEndpoint:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
             log.info("link with %s closed", self.peer_name)
+
+    async def _ping_forever(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(2 * interval) as waited:
+                try:
+                    await self.call("ping", [])
+                except PCSCError:
+                    pass  # any answer is a sign of life, even from a host without "ping"
+                except LinkClosed:
+                    return
+            if waited.cancelled_caught:
+                log.warning(
+                    "link with %s: no answer to a ping within %.1f s; closing it",
+                    self.peer_name,
+                    2 * interval,
+                )
+                await self.stream.aclose()
+                return
 
     async def _receive_message(self) -> Message | None:
         while (message := self._connection.next_message()) is None:
