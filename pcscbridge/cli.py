@@ -36,6 +36,24 @@ def _endpoint(text: str) -> Endpoint:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _bounded_int(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be {low}..{high}")
+    return value
+
+
+def _reader_slots(text: str) -> int:
+    return _bounded_int(text, 1, 1024)
+
+
+def _sim_readers(text: str) -> int:
+    return _bounded_int(text, 0, 255)
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_link = default_link_endpoint()
     parser = argparse.ArgumentParser(
@@ -65,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio "
         f"(default {default_link})",
     )
+    guest.add_argument(
+        "--legacy-readers",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="when the host has more readers than clients of protocol 4.5 or older can see "
+        "(--reader-slots), show the readers whose name matches PATTERN (fnmatch, "
+        "case-sensitive) first; repeatable, earlier patterns first, then the other readers "
+        "in table order. 4.6 clients always see every reader",
+    )
+    guest.add_argument(
+        "--reader-slots",
+        type=_reader_slots,
+        default=16,
+        metavar="N",
+        help="the readers table size of clients of protocol 4.5 or older, and of every "
+        "client's CMD_GET_READERS_STATE: PCSCLITE_MAX_READERS_CONTEXTS of the guest's "
+        "libpcsclite build (default 16, as Debian and upstream; Fedora builds 48)",
+    )
 
     host = command("host", "On the host: serve the host's readers to a guest.")
     target = host.add_mutually_exclusive_group(required=True)
@@ -85,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("pyscard", "sim"),
         default="pyscard",
         help="the host's PC/SC through pyscard (default), or simulated readers",
+    )
+    host.add_argument(
+        "--sim-readers",
+        type=_sim_readers,
+        default=2,
+        metavar="N",
+        help="with --backend sim: N simulated readers named 'Sim Reader XX 00' (XX = 00, 01, "
+        "... in hex), a card in the first (default 2)",
     )
     host.add_argument(
         "--ssh-config", type=Path, metavar="FILE", help="ssh config file (default ~/.ssh/config)"
@@ -190,7 +235,7 @@ async def _guest(args: argparse.Namespace) -> int:
     else:
         print("pcscbridge guest: --listen PATH is required (or socket activation)", file=sys.stderr)
         return EXIT_USAGE
-    server = GuestServer()
+    server = GuestServer(reader_slots=args.reader_slots, legacy_readers=args.legacy_readers)
     link: Endpoint = args.link
     created = [] if activated else [args.listen]
     log.info(
@@ -216,18 +261,22 @@ async def _guest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend(name: str):  # type: ignore[no-untyped-def]
+def _backend(name: str, sim_readers: int = 2):  # type: ignore[no-untyped-def]
     if name == "sim":
         from .host.backends.sim import SimulatedBackend
+        from .host.backends.simcard import SimulatedCard
 
-        return SimulatedBackend.with_demo_readers()
+        backend = SimulatedBackend([f"Sim Reader {index:02X} 00" for index in range(sim_readers)])
+        if sim_readers:
+            backend.insert_card("Sim Reader 00 00", SimulatedCard(label="demo card"))
+        return backend
     from .host.backends.pyscard import PyscardBackend
 
     return PyscardBackend()
 
 
 async def _host(args: argparse.Namespace) -> int:
-    backend = _backend(args.backend)
+    backend = _backend(args.backend, args.sim_readers)
     if args.ssh:
         return await _host_over_ssh(args, backend)
     from .host.runner import keep_attached
@@ -271,6 +320,11 @@ async def _host_over_ssh(args: argparse.Namespace, backend: Any) -> int:
         # The first attempt reports every failure; later, what can heal by itself is retried.
         return attached_once and isinstance(exc, SSHLinkError) and exc.retryable
 
+    if not args.verbose:
+        # paramiko logs each (re)connect at INFO, and every failure of its transport thread at
+        # ERROR with a traceback: failures that SSHLinkError (or the lost link's reason) already
+        # reports in one line. -v shows them.
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     log.info("serving the host's readers (%s) to %s over SSH", args.backend, args.ssh)
     try:
         await keep_attached(open_link, backend, None, guest=args.ssh, is_transient=transient)

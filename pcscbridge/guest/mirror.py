@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-from ..pcsc import ReturnCode
+from ..pcsc import ReturnCode, ShareMode
 from ..pcsclite.readers import LEGACY_TABLE_SLOTS, ReaderEntry
 
 log = logging.getLogger("pcscbridge.guest.mirror")
@@ -29,9 +29,12 @@ class ReaderMirror:
         # Slot positions stay put while a reader exists, as pcscd's do; the table only grows.
         self._slots: list[ReaderEntry | None] = [None] * slots
         self._registered: dict[Waiter, None] = {}
-        # Protocol a guest handle negotiated, per reader (pcscd shows it as cardProtocol; the
-        # host's API does not report it). Kept while guest handles on the card remain.
-        self._protocols: dict[str, tuple[int, int, int]] = {}  # name -> (counter, protocol, n)
+        # What this guest's open handles do to a reader, shown at once (the host's push of the
+        # same change comes a moment later) and beyond what the host's API reports: sharing,
+        # and the negotiated protocol (pcscd's cardProtocol). pcscd keeps cardProtocol after
+        # the last handle until it powers the idle card down; the host's API does not say
+        # when, so it is shown while the guest holds the card.
+        self._guest_use: dict[str, GuestUse] = {}
         self.reader_events = 1
 
     # --- what clients read -------------------------------------------------------------
@@ -42,10 +45,15 @@ class ReaderMirror:
     def _visible(self, entry: ReaderEntry | None) -> ReaderEntry | None:
         if entry is None:
             return None
-        held = self._protocols.get(entry.name)
-        if held is not None and held[0] == entry.event_counter and entry.protocol == 0:
-            return replace(entry, protocol=held[1])
-        return entry
+        use = self._guest_use.get(entry.name)
+        if use is None or use.event_counter != entry.event_counter:
+            return entry
+        sharing = entry.sharing
+        if use.exclusive:
+            sharing = -1
+        elif use.shared and sharing >= 0:
+            sharing = max(sharing, use.shared)
+        return replace(entry, protocol=entry.protocol or use.protocol, sharing=sharing)
 
     def find(self, name: str) -> ReaderEntry | None:
         for entry in self._slots:
@@ -95,13 +103,13 @@ class ReaderMirror:
                 self._slots[index] = incoming.pop(entry.name)
             else:
                 self._slots[index] = None
-                self._protocols.pop(entry.name, None)
+                self._guest_use.pop(entry.name, None)
                 removed += 1
         for entry in incoming.values():
             self._place(entry)
             added += 1
         self._count_reader_events(added + removed)
-        self._forget_stale_protocols()
+        self._forget_other_cards()
         if self.slots != before:
             self._signal_all()
 
@@ -120,30 +128,49 @@ class ReaderMirror:
         for _ in range(events):
             self.reader_events = self.reader_events % READER_EVENTS_WRAP + 1
 
-    def _forget_stale_protocols(self) -> None:
-        for name, (counter, _, _) in list(self._protocols.items()):
+    def _forget_other_cards(self) -> None:
+        for name, use in list(self._guest_use.items()):
             entry = self.find(name)
-            if entry is None or entry.event_counter != counter:
-                del self._protocols[name]
+            if entry is None or entry.event_counter != use.event_counter:
+                del self._guest_use[name]
 
-    def handle_opened(self, reader: str, protocol: int) -> None:
-        entry = self.find(reader)
+    def handle_opened(self, reader: str, protocol: int, share_mode: int) -> None:
+        entry = next((e for e in self._slots if e is not None and e.name == reader), None)
         if entry is None:
             return
         before = self.slots
-        _, _, count = self._protocols.get(reader, (0, 0, 0))
-        self._protocols[reader] = (entry.event_counter, protocol, count + 1)
+        use = self._guest_use.get(reader)
+        if use is None or use.event_counter != entry.event_counter:
+            use = self._guest_use[reader] = GuestUse(entry.event_counter)
+        if protocol:
+            use.protocol = protocol
+        if share_mode == ShareMode.EXCLUSIVE:
+            use.exclusive += 1
+        else:
+            use.shared += 1
         if self.slots != before:
             self._signal_all()
 
-    def handle_closed(self, reader: str) -> None:
-        held = self._protocols.get(reader)
-        if held is None:
-            return
-        if held[2] > 1:
-            self._protocols[reader] = (held[0], held[1], held[2] - 1)
+    def handle_closed(self, reader: str, share_mode: int) -> None:
+        use = self._guest_use.get(reader)
+        if use is None:
             return
         before = self.slots
-        del self._protocols[reader]
+        if share_mode == ShareMode.EXCLUSIVE:
+            use.exclusive = max(use.exclusive - 1, 0)
+        else:
+            use.shared = max(use.shared - 1, 0)
+        if not use.shared and not use.exclusive:
+            del self._guest_use[reader]
         if self.slots != before:
             self._signal_all()
+
+
+@dataclass
+class GuestUse:
+    """This guest's handles on one card (the card is told apart by the event counter)."""
+
+    event_counter: int
+    protocol: int = 0
+    shared: int = 0  # SHARED and DIRECT handles, which pcscd counts alike
+    exclusive: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -12,18 +13,33 @@ import trio
 from ..link.endpoint import LinkClosed, LinkEndpoint
 from ..link.protocol import Push
 from ..pcsc import PCSCError, ReturnCode
-from ..pcsclite.readers import ReaderEntry
+from ..pcsclite.readers import LEGACY_TABLE_SLOTS, ReaderEntry, legacy_view
 from .mirror import ReaderMirror
 from .session import ClientSession
 
 log = logging.getLogger("pcscbridge.guest")
 
 HANDLE_MISUSE_DELAY = 2.0  # pcscd sleeps this long before closing on a foreign card handle
+LINK_KEEPALIVE = 5.0  # seconds between pings to the host; silent for twice that: link dropped
 
 
 class GuestServer:
-    def __init__(self, *, handle_misuse_delay: float = HANDLE_MISUSE_DELAY) -> None:
+    def __init__(
+        self,
+        *,
+        handle_misuse_delay: float = HANDLE_MISUSE_DELAY,
+        reader_slots: int = LEGACY_TABLE_SLOTS,
+        legacy_readers: Sequence[str] = (),
+    ) -> None:
+        """`reader_slots`: the table size of clients with a fixed-size table (protocols up to
+        4.5, and 0x12 of 4.6): PCSCLITE_MAX_READERS_CONTEXTS of their libpcsclite build.
+        `legacy_readers`: fnmatch patterns choosing which readers such clients see when the
+        host has more than fit (see readers.legacy_view)."""
+        if reader_slots < 1:
+            raise ValueError("reader_slots must be at least 1")
         self.mirror = ReaderMirror()
+        self.reader_slots = reader_slots
+        self.legacy_readers = tuple(legacy_readers)
         self.handle_misuse_delay = handle_misuse_delay
         self.contexts: dict[int, ClientSession] = {}
         self._card_ids: set[int] = set()
@@ -33,6 +49,10 @@ class GuestServer:
         self._client_numbers = itertools.count(1)
         self._link_numbers = itertools.count(1)
         self.readers_pushed = trio.Event()  # the attached host has sent its readers
+
+    def legacy_slots(self) -> list[ReaderEntry | None]:
+        """What a client with a fixed-size table sees: `reader_slots` entries at most."""
+        return legacy_view(self.mirror.slots, self.reader_slots, self.legacy_readers)
 
     # --- ids -------------------------------------------------------------------------------
     def register_context(self, session: ClientSession) -> int:
@@ -115,7 +135,12 @@ class GuestServer:
         """Serve one host link until it ends. A newer link replaces an older one."""
         name = f"host link #{next(self._link_numbers)}"
         endpoint = LinkEndpoint(
-            stream, "guest", on_push=self._on_push, peer_name=name, capabilities=("readers",)
+            stream,
+            "guest",
+            on_push=self._on_push,
+            peer_name=name,
+            capabilities=("readers",),
+            keepalive=LINK_KEEPALIVE,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(endpoint.run)

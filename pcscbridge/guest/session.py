@@ -35,7 +35,7 @@ from ..pcsclite.messages import (
     WaitBody,
     encode_reply,
 )
-from ..pcsclite.readers import LEGACY_TABLE_SLOTS, encode_table
+from ..pcsclite.readers import encode_table
 from ..pcsclite.server import ProtocolViolation, Request, ServerConnection, reader_name
 
 if TYPE_CHECKING:
@@ -46,6 +46,9 @@ log = logging.getLogger("pcscbridge.guest.session")
 MAX_HANDLES_PER_CONNECTION = 200  # pcscd's --max-card-handle-per-thread default
 RECEIVE_SIZE = 65536 + 1024
 _SIZE = struct.Struct("=i")
+
+# What a 4.6 client sends between WAIT and the end of its table read (0x17 ends it).
+_TABLE_READ = {Command.CMD_WAIT_READER_STATE_CHANGE, Command.CMD_GET_READERS_STATE_SIZE}
 
 # Commands whose first field is a card handle that must belong to this connection.
 _CARD_COMMANDS = {
@@ -66,6 +69,7 @@ class CardHandle:
     h_card: int
     reader: str
     link_generation: int  # the link it was opened on; a new link means the handle is gone
+    share_mode: int
 
 
 class HandleMisuse(Exception):
@@ -82,6 +86,12 @@ class ClientSession:
         self.cards: dict[int, CardHandle] = {}
         self._write_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        # 4.6: a registration's table is read with 0x16 and 0x17 after WAIT. A signal due
+        # meanwhile is held back until that read is done (pcscd 2.5 may write it in between,
+        # where the client takes it for the size: spec §11.2 observation (a)).
+        self._reading_table = False
+        self._held_signal: int | None = None
+        self._reported_size: int | None = None  # the last 0x16 answer: 0x17 sends as many
 
     # --- I/O -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -130,6 +140,9 @@ class ClientSession:
 
     def signal(self, rv: int) -> None:
         """The 8-byte event signal; queued behind any reply being written (FIFO lock)."""
+        if self._reading_table:
+            self._held_signal = rv  # at most one: signalling unregisters
+            return
         if self._nursery is not None:
             self._nursery.start_soon(self._send_quietly, encode_reply(WaitBody(0, rv)))
 
@@ -153,6 +166,13 @@ class ClientSession:
             reply = await self._other_command(request)
         if reply is not None:
             await self.send(reply)
+        if self._reading_table and request.command not in _TABLE_READ:
+            # The table read after a 4.6 WAIT is over (0x17, or anything else the client
+            # sent instead): a signal held meanwhile follows the reply.
+            self._reading_table = False
+            held, self._held_signal = self._held_signal, None
+            if held is not None:
+                await self.send(encode_reply(WaitBody(0, held)))
 
     async def _other_command(self, request: Request) -> bytes | None:
         body: Any = request.body
@@ -190,17 +210,26 @@ class ClientSession:
             case Command.CMD_GET_READER_EVENTS:
                 return encode_reply(ReaderEventsBody(self.server.mirror.reader_events, 0))
             case Command.CMD_GET_READERS_STATE_SIZE:
-                return _SIZE.pack(len(self.server.mirror.slots))
+                self._reported_size = len(self.server.mirror.slots)
+                return _SIZE.pack(self._reported_size)
             case Command.CMD_GET_READERS_STATE_ARRAY:
+                # As many entries as the client was told by its 0x16: it reads exactly that
+                # many. Should the table have grown in between, the signal that follows makes
+                # it read again.
                 slots = self.server.mirror.slots
-                return encode_table(slots, len(slots), self.protocol.reader_name_size)
+                count = self._reported_size or len(slots)
+                return encode_table(slots[:count], count, self.protocol.reader_name_size)
         raise ProtocolViolation(f"{request.command.name} is not served")
 
     def _legacy_table(self) -> bytes:
+        """The fixed-size table of 0x12 (and of WAIT up to 4.5): `reader_slots` entries.
+
+        Beyond the mirror's own slots, 4.6 connections get all-zero entries as from pcscd 2.5;
+        older ones get empty slots, as from the pcscd of their time (always 16 slots used)."""
         dialect = self.protocol.dialect
         return encode_table(
-            self.server.mirror.slots[:LEGACY_TABLE_SLOTS],
-            LEGACY_TABLE_SLOTS,
+            self.server.legacy_slots(),
+            self.server.reader_slots,
             self.protocol.reader_name_size,
             pad_zero=dialect is not None and dialect.has_variable_array,
         )
@@ -210,8 +239,11 @@ class ClientSession:
         # slip ahead of the table (the signal's write queues behind this reply).
         self.server.mirror.register(self)
         dialect = self.protocol.effective_dialect
-        if isinstance(request.body, WaitBody) or not dialect.wait_returns_array:
-            return None  # ≤4.3 and 4.6 clients read the state with separate requests
+        if isinstance(request.body, WaitBody):
+            return None  # ≤4.3: the client read the table before, with 0x12
+        if dialect.has_variable_array:
+            self._reading_table = True  # 4.6: 0x16 and 0x17 follow
+            return None
         return self._legacy_table()
 
     # --- contexts --------------------------------------------------------------------------
@@ -238,7 +270,7 @@ class ClientSession:
         self.server.unregister_context(h_context)
         for handle in self.cards.values():
             self.server.release_card_id(handle.h_card)
-            self.server.mirror.handle_closed(handle.reader)
+            self.server.mirror.handle_closed(handle.reader, handle.share_mode)
         had_cards = bool(self.cards)
         self.cards.clear()
         if had_cards or self.server.context_used_on_link(h_context):
@@ -278,8 +310,8 @@ class ClientSession:
         except PCSCError as exc:
             self.server.release_card_id(h_card)
             return body._replace(rv=exc.rv)
-        self.cards[h_card] = CardHandle(h_card, reader, generation)
-        self.server.mirror.handle_opened(reader, protocol)
+        self.cards[h_card] = CardHandle(h_card, reader, generation, body.share_mode)
+        self.server.mirror.handle_opened(reader, protocol, body.share_mode)
         return body._replace(h_card=h_card, active_protocol=protocol, rv=0)
 
     async def _card_command(self, request: Request, handle: CardHandle) -> bytes:
@@ -304,7 +336,7 @@ class ClientSession:
     def _forget(self, handle: CardHandle) -> None:
         self.cards.pop(handle.h_card, None)
         self.server.release_card_id(handle.h_card)
-        self.server.mirror.handle_closed(handle.reader)
+        self.server.mirror.handle_closed(handle.reader, handle.share_mode)
 
     async def _card_call(self, request: Request, handle: CardHandle) -> bytes:
         body: Any = request.body
@@ -337,6 +369,10 @@ class ClientSession:
                     "reconnect",
                     [h_card, body.share_mode, body.preferred_protocols, body.initialization],
                 )
+                mirror = self.server.mirror
+                mirror.handle_closed(handle.reader, handle.share_mode)
+                handle.share_mode = body.share_mode
+                mirror.handle_opened(handle.reader, protocol, handle.share_mode)
                 return encode_reply(body._replace(active_protocol=protocol, rv=0))
             case Command.SCARD_DISCONNECT:
                 try:
@@ -366,6 +402,8 @@ def _transmit_reply(body: TransmitBody, response: bytes) -> bytes:
             body._replace(recv_length=len(response), rv=ReturnCode.SCARD_E_INSUFFICIENT_BUFFER)
         )
     return encode_reply(
-        body._replace(recv_pci_protocol=body.send_pci_protocol, recv_length=len(response), rv=0),
+        # ioRecvPciProtocol: pcscd returns what its reader driver leaves there; libccid leaves
+        # the client's own value, which the host's API cannot tell us otherwise. Echo it.
+        body._replace(recv_length=len(response), rv=0),
         response,
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from ..exceptions import first_leaf
 from ..pcsc import PNP_NOTIFICATION, PCSCError, ReaderStatus, ReturnCode, State
 from .backend import Backend, ReaderState
 
@@ -19,9 +20,12 @@ log = logging.getLogger("pcscbridge.host.watcher")
 
 ReaderRow = list[Any]  # [name, event_counter, state, sharing, atr, protocol], as on the link
 RETRY_DELAY = 1.0
-# Waits end by themselves this often: a cancel that reaches pcsc-lite before its wait began is
-# dropped, and a wait that never ends would hold the context (and our shutdown) forever.
+# Waits end by themselves this often, so a wait whose cancel got lost cannot hold its context
+# for long.
 WAIT_SLICE_MS = 2000
+# libpcsclite 1.9.9 refuses more reader states in one SCardGetStatusChange (2.5 does not).
+MAX_STATES_PER_CALL = 16
+CANCEL_RETRY = 0.02  # seconds between cancels of a wait that has not ended yet
 
 
 def reader_row(state: ReaderState) -> ReaderRow:
@@ -74,29 +78,26 @@ async def _watch_with_context(
     publish: Callable[[list[ReaderRow]], Awaitable[None]],
     limiter: trio.CapacityLimiter | None,
 ) -> None:
-    context = await trio.to_thread.run_sync(backend.establish_context, limiter=limiter)
+    # One context per group of reader states: libpcsclite 1.9.9 refuses more than 16 states in
+    # one SCardGetStatusChange, and one context runs one call at a time. The first context
+    # also lists the readers and watches the PnP pseudo-reader.
+    contexts = [await trio.to_thread.run_sync(backend.establish_context, limiter=limiter)]
     try:
         known: dict[str, ReaderState] = {}
         pnp = ReaderState(PNP_NOTIFICATION)
         while True:
-            names = await trio.to_thread.run_sync(_list_readers, backend, context, limiter=limiter)
+            names = await trio.to_thread.run_sync(
+                _list_readers, backend, contexts[0], limiter=limiter
+            )
             # A reader not seen yet is asked with UNAWARE, so the wait returns at once with it.
             states = [known.get(name) or ReaderState(name) for name in names]
             await publish([reader_row(known[name]) for name in names if name in known])
-            try:
-                result = await trio.to_thread.run_sync(
-                    backend.get_status_change,
-                    context,
-                    WAIT_SLICE_MS,
-                    _next_round([*states, pnp]),
-                    abandon_on_cancel=True,
-                    limiter=limiter,
+            groups = _groups(_next_round([pnp, *states]))
+            while len(contexts) < len(groups):
+                contexts.append(
+                    await trio.to_thread.run_sync(backend.establish_context, limiter=limiter)
                 )
-            except PCSCError as exc:
-                if exc.rv in (ReturnCode.SCARD_E_TIMEOUT, ReturnCode.SCARD_E_UNKNOWN_READER):
-                    continue
-                raise
-            for state in result:
+            for state in await _wait_for_a_change(backend, contexts, groups, limiter):
                 if state.reader == PNP_NOTIFICATION:
                     pnp = state
                 else:
@@ -105,8 +106,81 @@ async def _watch_with_context(
                 del known[name]
     finally:
         with trio.CancelScope(shield=True):
-            # Unblocks a wait still running in its worker thread, then frees the context.
-            await trio.to_thread.run_sync(_cancel_and_release, backend, context)
+            await trio.to_thread.run_sync(_release, backend, contexts)
+
+
+def _groups(states: list[ReaderState]) -> list[list[ReaderState]]:
+    return [
+        states[start : start + MAX_STATES_PER_CALL]
+        for start in range(0, len(states), MAX_STATES_PER_CALL)
+    ]
+
+
+async def _wait_for_a_change(
+    backend: Backend,
+    contexts: list[Any],
+    groups: list[list[ReaderState]],
+    limiter: trio.CapacityLimiter | None,
+) -> list[ReaderState]:
+    """Wait on every group at once, each on its own context, until one of them returns (a
+    change, or the end of its slice); then end the others. Returns every state reported.
+
+    Waits are ended with SCardCancel, never abandoned, also when the watcher is cancelled:
+    a context is free again as soon as this returns, and shutdown does not wait for a slice.
+    """
+    reported: list[ReaderState] = []
+    running = set(range(len(groups)))
+    one_returned = trio.Event()
+    all_returned = trio.Event()
+
+    async def wait(index: int) -> None:
+        try:
+            reported.extend(await _wait_on(backend, contexts[index], groups[index], limiter))
+        finally:
+            running.discard(index)
+            one_returned.set()
+            if not running:
+                all_returned.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(len(groups)):
+                nursery.start_soon(wait, index)
+            try:
+                await one_returned.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    # pcsc-lite drops a cancel that arrives before its wait has begun, so
+                    # repeat it until every wait has ended (a cancel after the end is a no-op).
+                    while running:
+                        for index in list(running):
+                            await trio.to_thread.run_sync(
+                                _cancel_quietly, backend, contexts[index], limiter=limiter
+                            )
+                        with trio.move_on_after(CANCEL_RETRY):
+                            await all_returned.wait()
+    except* PCSCError as failed:
+        raise first_leaf(failed) from None  # the service failed: watch_readers starts over
+    return reported
+
+
+async def _wait_on(
+    backend: Backend, context: Any, states: list[ReaderState], limiter: trio.CapacityLimiter | None
+) -> list[ReaderState]:
+    try:
+        return await trio.to_thread.run_sync(
+            backend.get_status_change, context, WAIT_SLICE_MS, states, limiter=limiter
+        )
+    except PCSCError as exc:
+        # The slice ended, this wait was ended by another group's change (or by shutdown), or
+        # a reader went away before the call (the next round lists the readers again).
+        if exc.rv in (
+            ReturnCode.SCARD_E_TIMEOUT,
+            ReturnCode.SCARD_E_CANCELLED,
+            ReturnCode.SCARD_E_UNKNOWN_READER,
+        ):
+            return []
+        raise
 
 
 def _next_round(states: list[ReaderState]) -> list[ReaderState]:
@@ -126,9 +200,16 @@ def _list_readers(backend: Backend, context: Any) -> list[str]:
         raise
 
 
-def _cancel_and_release(backend: Backend, context: Any) -> None:
-    for step in (backend.cancel, backend.release_context):
+def _cancel_quietly(backend: Backend, context: Any) -> None:
+    try:
+        backend.cancel(context)
+    except PCSCError as exc:
+        log.debug("cancel: %s", exc)
+
+
+def _release(backend: Backend, contexts: list[Any]) -> None:
+    for context in contexts:
         try:
-            step(context)
+            backend.release_context(context)
         except PCSCError as exc:
-            log.debug("%s: %s", step.__name__, exc)
+            log.debug("release_context: %s", exc)

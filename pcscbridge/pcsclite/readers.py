@@ -5,11 +5,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from ..pcsc import MAX_ATR_SIZE
 
 READER_NOT_INITIALIZED = MAX_ATR_SIZE + 1
-LEGACY_TABLE_SLOTS = 16  # PCSCLITE_MAX_READERS_CONTEXTS
+# PCSCLITE_MAX_READERS_CONTEXTS: the fixed table size of protocols up to 4.5 (and of 0x12 in
+# 4.6). Distributions may build pcsc-lite with another value (Fedora: 48).
+LEGACY_TABLE_SLOTS = 16
 
 _ENTRY = {128: struct.Struct("=128sIIi33s3xII"), 100: struct.Struct("=100sIIi33s3xII")}
 
@@ -83,3 +86,39 @@ def decode_table(data: bytes, name_size: int = 128) -> list[ReaderEntry | None]:
             )
         )
     return slots
+
+
+def legacy_view(
+    slots: Sequence[ReaderEntry | None], count: int, patterns: Sequence[str] = ()
+) -> list[ReaderEntry | None]:
+    """The fixed-size table a client with `count` table entries sees (protocols up to 4.5).
+
+    When more readers exist than fit, readers are chosen by rank: those matching the first
+    pattern (fnmatch, case-sensitive, on the whole name), then those matching the second, ...,
+    then the rest; within a rank, in slot order. A chosen reader keeps its own slot when that
+    slot is below `count`, so with no reader beyond `count` the view is the table itself, as
+    pcscd shows it; chosen readers from higher slots take the free positions, in slot order.
+
+    Returns min(count, len(slots)) entries; encode_table pads the rest.
+    """
+    used = [(index, entry) for index, entry in enumerate(slots) if entry is not None]
+    if all(index < count for index, _ in used):
+        return list(slots[:count])
+
+    def rank(item: tuple[int, ReaderEntry]) -> tuple[int, int]:
+        index, entry = item
+        for position, pattern in enumerate(patterns):
+            if fnmatchcase(entry.name, pattern):
+                return position, index
+        return len(patterns), index
+
+    chosen = sorted(sorted(used, key=rank)[:count], key=lambda item: item[0])
+    view: list[ReaderEntry | None] = [None] * count
+    for index, entry in chosen:
+        if index < count:
+            view[index] = entry
+    free = [position for position, entry in enumerate(view) if entry is None]
+    movers = [entry for index, entry in chosen if index >= count]
+    for position, entry in zip(free, movers, strict=False):
+        view[position] = entry
+    return view  # count entries: a reader sits beyond `count`, so len(slots) > count
