@@ -587,14 +587,31 @@ def _login(ep: _Endpoint, sock: Any, accept_new: bool, home: Path) -> paramiko.S
         _close_quietly(client)
         raise _auth_error(ep, key_files, allow_agent, look_for_keys, e) from e
     except paramiko.SSHException as e:
+        reason = _handshake_failure(client, e, ep.connect_timeout)
         _close_quietly(client)
         if "authentication methods" in str(e):  # no key at all to offer
             raise _auth_error(ep, key_files, allow_agent, look_for_keys, e) from e
-        raise SSHLinkError("connect", f"SSH handshake with {ep.display} failed: {e}") from e
+        raise SSHLinkError("connect", f"SSH handshake with {ep.display} failed: {reason}") from e
     except (OSError, EOFError) as e:
         _close_quietly(client)
         raise SSHLinkError("connect", f"SSH handshake with {ep.display} failed: {e!r}") from e
     return client
+
+
+def _handshake_failure(client: paramiko.SSHClient, exc: Exception, timeout: float) -> str:
+    """Why the handshake failed: the transport thread's own error beats what connect() says.
+
+    When the server stays silent (a VM still booting, a frozen sshd), start_client gives up at
+    `timeout` without raising, and connect() then fails with a misleading "No existing session";
+    the real cause ("Error reading SSH protocol banner") is saved on the transport.
+    """
+    transport = client.get_transport()
+    saved = transport.get_exception() if transport is not None else None
+    if saved is not None and str(saved):
+        return str(saved)
+    if str(exc) == "No existing session":
+        return f"no SSH handshake within {timeout:g}s (the server accepted but did not answer)"
+    return str(exc) or type(exc).__name__
 
 
 def _auth_error(
@@ -1001,7 +1018,13 @@ class SSHLink(trio.abc.HalfCloseableStream):
             return self._lost
         transport = self._chan.get_transport()
         error = transport.get_exception() if transport is not None else None
-        return f"SSH connection to {self.peer} lost" + (f": {error}" if error else "")
+        if isinstance(error, EOFError):
+            detail = ": the server closed it"  # paramiko's EOFError says nothing ("lost: ")
+        elif error is not None:
+            detail = f": {str(error) or type(error).__name__}"
+        else:
+            detail = ""
+        return f"SSH connection to {self.peer} lost{detail}"
 
     # --- sending
 
@@ -1162,10 +1185,11 @@ def _exit_error(
             f"(command: {command})",
         )
     if status == EXIT_STATUS_NO_GUEST_SERVER:
+        # attach's own message names the endpoint and how to start the server; add a hint only
+        # when it said nothing.
+        hint = "" if stderr else " (start `pcscbridge guest` in the guest)"
         return SSHLinkError(
-            "no_guest_server",
-            f"{ep.display}: the guest server is not running{said} (start `pcscbridge guest` in the "
-            f"guest)",
+            "no_guest_server", f"{ep.display}: the guest server is not running{said}{hint}"
         )
     how = "without an exit status (killed by a signal?)" if status < 0 else f"with status {status}"
     return SSHLinkError(
