@@ -30,7 +30,8 @@ demo: venv
 	$(VENV)/bin/pcscbridge demo
 
 bench: venv
-	$(VENV)/bin/python -m pcscbridge.bench
+	@$(VENV)/bin/python -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
+	$(VENV)/bin/python -m pcscbridge.bench $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
