@@ -49,8 +49,10 @@ async def _demo() -> int:
             bridge.nursery.cancel_scope.cancel()
         _say()
         if code == 0:
-            _say("Every call above went through the guest server; card calls crossed the link to "
-                 "the host agent, reader states were answered by the guest from its mirror.")
+            _say(
+                "Every call above went through the guest server; card calls crossed the link to "
+                "the host agent, reader states were answered by the guest from its mirror."
+            )
         else:
             _say(f"the demo client failed (exit status {code})")
         return code
@@ -62,7 +64,10 @@ async def _run_client(env: dict[str, str], backend: SimulatedBackend) -> int:
         process = await nursery.start(
             lambda task_status=trio.TASK_STATUS_IGNORED: trio.run_process(
                 [sys.executable, "-m", "pcscbridge.demo_client"],
-                env=env, stdout=subprocess.PIPE, check=False, task_status=task_status,
+                env=env,
+                stdout=subprocess.PIPE,
+                check=False,
+                task_status=task_status,
             )
         )
         buffer = b""

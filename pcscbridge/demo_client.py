@@ -38,7 +38,7 @@ def main() -> int:
     )
     check("SCardConnect", hresult)
     say(f"SCardConnect({reader!r}, SHARED) -> T={0 if protocol == 1 else 1}")
-    hresult, name, state, protocol, atr = scard.SCardStatus(card)
+    hresult, _name, _state, protocol, atr = scard.SCardStatus(card)
     check("SCardStatus", hresult)
     say(f"SCardStatus -> ATR {hexs(atr)}")
 
@@ -69,8 +69,11 @@ def main() -> int:
             current = states[0][1] & ~scard.SCARD_STATE_CHANGED
         elapsed = (time.monotonic() - started) * 1000
         atr = states[0][2]
-        what = f"card present, ATR {hexs(atr)}" if current & scard.SCARD_STATE_PRESENT else (
-            "reader empty")
+        what = (
+            f"card present, ATR {hexs(atr)}"
+            if current & scard.SCARD_STATE_PRESENT
+            else ("reader empty")
+        )
         say(f"  -> {what} (seen after {elapsed:.0f} ms, event counter {current >> 16})")
 
     check("SCardReleaseContext", scard.SCardReleaseContext(context))

@@ -63,8 +63,10 @@ def test_opensc_tool_lists_readers_and_reads_the_atr(pcscd_rig: PcscdRig, bridge
 
 
 def test_scriptor_exchanges_apdus(pcscd_rig: PcscdRig, bridge: Bridge) -> None:
-    script = "00 A4 04 0C 0B F0 70 63 73 63 62 72 69 64 67 65\n00 A4 02 0C 02 01 01\n" \
-             "00 B0 00 00 20\n80 10 00 00 03 01 02 03\n00 FF 00 00\n"
+    script = (
+        "00 A4 04 0C 0B F0 70 63 73 63 62 72 69 64 67 65\n00 A4 02 0C 02 01 01\n"
+        "00 B0 00 00 20\n80 10 00 00 03 01 02 03\n00 FF 00 00\n"
+    )
     direct, bridged = both(["scriptor", "-r", READER], pcscd_rig, bridge, stdin=script)
     assert direct.returncode == 0, direct.stdout + direct.stderr
     assert bridged.returncode == 0, bridged.stdout + bridged.stderr
@@ -102,8 +104,12 @@ def _spawn(args: list[str], socket_path: str) -> subprocess.Popen[str]:
     import os
 
     return subprocess.Popen(
-        [*PROGRAMS, *args], env={**os.environ, "PCSCLITE_CSOCK_NAME": socket_path},
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*PROGRAMS, *args],
+        env={**os.environ, "PCSCLITE_CSOCK_NAME": socket_path},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -112,7 +118,9 @@ def _expect_line(process: subprocess.Popen[str], wanted: str, timeout: float = 1
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     assert ready, f"no {wanted!r} within {timeout}s"
     line = process.stdout.readline().strip()
-    assert line == wanted, f"expected {wanted!r}, got {line!r}: {process.stderr.read() if process.stderr else ''}"
+    assert line == wanted, (
+        f"expected {wanted!r}, got {line!r}: {process.stderr.read() if process.stderr else ''}"
+    )
 
 
 def _no_line_within(process: subprocess.Popen[str], seconds: float) -> bool:
@@ -200,7 +208,9 @@ def test_link_loss_removes_readers_and_reconnect_brings_them_back(
         app.stdin.write("\n")  # type: ignore[union-attr]
         app.stdin.flush()  # type: ignore[union-attr]
         assert json.loads(app.stdout.readline()) == {  # type: ignore[union-attr]
-            "list_rv": ReturnCode.SCARD_E_NO_READERS_AVAILABLE, "readers": []}
+            "list_rv": ReturnCode.SCARD_E_NO_READERS_AVAILABLE,
+            "readers": [],
+        }
         bridge.start_host()
         bridge.wait_for_readers(pcscd_rig.reader_names, timeout=15)
         app.stdin.write("\n")  # type: ignore[union-attr]

@@ -31,8 +31,12 @@ class BridgeProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
-            [*PCSCBRIDGE, *argv], env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            [*PCSCBRIDGE, *argv],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     @property
@@ -93,7 +97,8 @@ class Bridge:
         self.guest = BridgeProcess(
             "guest",
             ["guest", *self._flags(), "--listen", self.socket_path, "--link", self.link],
-            self.folder / "guest.log", dict(os.environ),
+            self.folder / "guest.log",
+            dict(os.environ),
         )
         _wait_for(lambda: os.path.exists(self.socket_path), 10, "guest socket", self.guest)
         return self.guest
@@ -104,9 +109,17 @@ class Bridge:
             env["PCSCLITE_CSOCK_NAME"] = self.host_pcscd_socket
         self.host = BridgeProcess(
             "host",
-            ["host", *self._flags(), "--connect", self.link, "--backend", self.backend,
-             *(extra or [])],
-            self.folder / "host.log", env,
+            [
+                "host",
+                *self._flags(),
+                "--connect",
+                self.link,
+                "--backend",
+                self.backend,
+                *(extra or []),
+            ],
+            self.folder / "host.log",
+            env,
         )
         return self.host
 
@@ -124,8 +137,12 @@ class Bridge:
 
     def wait_for_readers(self, expected: list[str], timeout: float = 15) -> None:
         """Until the guest serves exactly these readers (polled: the host pushes them)."""
-        _wait_for(lambda: sorted(self.guest_readers()) == sorted(expected), timeout,
-                  f"guest readers {expected}", self.host)
+        _wait_for(
+            lambda: sorted(self.guest_readers()) == sorted(expected),
+            timeout,
+            f"guest readers {expected}",
+            self.host,
+        )
 
     def stop(self) -> None:
         for process in (self.host, self.guest):
@@ -145,7 +162,10 @@ class Bridge:
 
 
 def _wait_for(
-    condition, timeout: float, what: str, process: BridgeProcess | None  # type: ignore[no-untyped-def]
+    condition,
+    timeout: float,
+    what: str,
+    process: BridgeProcess | None,  # type: ignore[no-untyped-def]
 ) -> None:
     deadline = time.monotonic() + timeout
     delay = 0.01
