@@ -9,12 +9,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pcscbridge.pcsc import ReturnCode
 from pcscbridge.testing.bridge_processes import Bridge
+from pcscbridge.testing.pcsc_programs import assert_full_results_match, json_lines
 from pcscbridge.testing.pcscd_rig import PcscdRig, run_pcsc_client
 
 pytestmark = pytest.mark.rig
@@ -39,10 +39,6 @@ def both(args: list[str], rig: PcscdRig, bridge: Bridge, stdin: str | None = Non
     direct = run_pcsc_client(args, rig.socket_path, stdin=stdin, timeout=30)
     bridged = run_pcsc_client(args, bridge.socket_path, stdin=stdin, timeout=30)
     return direct, bridged
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 def test_pcsc_scan_lists_the_same_readers(pcscd_rig: PcscdRig, bridge: Bridge) -> None:
@@ -78,18 +74,7 @@ def test_pyscard_every_call_gives_pcscds_results(pcscd_rig: PcscdRig, bridge: Br
     direct, bridged = both([*PROGRAMS, "full", READER], pcscd_rig, bridge)
     assert direct.returncode == 0, direct.stderr
     assert bridged.returncode == 0, bridged.stderr
-    expected, got = json_lines(direct.stdout), json_lines(bridged.stdout)
-    assert len(expected) > 15
-    for want, have in zip(expected, got, strict=True):
-        if want["call"] == "SCardGetStatusChange":
-            # The guest sees its own connection's sharing like pcscd does, but not the host's
-            # exact handle count; compare presence, ATR and the event counter.
-            want["states"] = [[n, s & ~0x100, a] for n, s, a in want["states"]]
-            have["states"] = [[n, s & ~0x100, a] for n, s, a in have["states"]]
-        assert have == want
-    by_call = {(r["call"], r.get("what")): r for r in got}
-    assert by_call[("SCardTransmit", "echo 60000")]["length"] == 60002
-    assert by_call[("SCardTransmit", "read 60 KiB")]["length"] == 61442
+    assert_full_results_match(direct.stdout, bridged.stdout)
 
 
 def test_card_removal_and_insertion_are_seen(pcscd_rig: PcscdRig, bridge: Bridge) -> None:

@@ -263,3 +263,25 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON results a program printed, skipping marker lines."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def assert_full_results_match(direct_stdout: str, bridged_stdout: str) -> list[dict[str, Any]]:
+    """`full` through the bridge must give pcscd's results; returns the bridged results."""
+    expected, got = json_lines(direct_stdout), json_lines(bridged_stdout)
+    assert len(expected) > 15, direct_stdout
+    for want, have in zip(expected, got, strict=True):
+        if want["call"] == "SCardGetStatusChange":
+            # The guest does not mirror the host's exact handle count (the API only says
+            # "in use"): compare presence, ATR and the event counter.
+            want["states"] = [[n, s & ~0x100, a] for n, s, a in want["states"]]
+            have["states"] = [[n, s & ~0x100, a] for n, s, a in have["states"]]
+        assert have == want
+    by_call = {(r["call"], r.get("what")): r for r in got}
+    assert by_call[("SCardTransmit", "echo 60000")]["length"] == 60002
+    assert by_call[("SCardTransmit", "read 60 KiB")]["length"] == 61442
+    return got
