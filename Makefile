@@ -31,7 +31,7 @@ demo: venv
 
 bench: venv
 	@$(VENV)/bin/python -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
-	$(VENV)/bin/python -m pcscbridge.bench $(BENCH_ARGS)
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

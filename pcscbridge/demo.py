@@ -14,7 +14,7 @@ import trio
 from .demo_client import WAITING_FOR_INSERTION, WAITING_FOR_REMOVAL
 from .host.backends.sim import SimulatedBackend
 from .host.backends.simcard import SimulatedCard
-from .inprocess import inprocess_bridge
+from .testing.inprocess import inprocess_bridge
 
 
 def run_demo() -> int:

@@ -6,7 +6,7 @@ end-to-end tests would report a pass it did not earn.
 
 pyscard in the test process: libpcsclite reads PCSCLITE_CSOCK_NAME once per process, and every
 test gets a rig (socket) of its own, so tests talk PC/SC through child processes with
-``rig.env`` (see ``run_pyscard`` / ``run_pcsc_client`` in pcscbridge.testing.pcscd_rig).
+``rig.env`` (see ``run_pyscard`` / ``run_pcsc_client`` in rig.pcscd_rig).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from pcscbridge.host.backends.simcard import SimulatedCard
-from pcscbridge.testing.pcscd_rig import PcscdRig, RigError, check_rig_prerequisites
+from rig.pcscd_rig import PcscdRig, RigError, check_rig_prerequisites
 
 
 @pytest.hookimpl(wrapper=True)

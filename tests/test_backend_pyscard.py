@@ -31,7 +31,7 @@ from pcscbridge.pcsc import (
     State,
 )
 from pcscbridge.pcsc import ReturnCode as RC
-from pcscbridge.testing.pcscd_rig import PcscdRig
+from rig.pcscd_rig import PcscdRig
 
 rig = pytest.mark.rig
 

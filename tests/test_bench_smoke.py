@@ -1,4 +1,4 @@
-"""`python -m pcscbridge.bench --quick` runs end to end and reports every figure.
+"""`python -m bench --quick` runs end to end and reports every figure.
 
 A smoke test of the benchmark, not a benchmark: it checks that every path could be set up and
 measured, that the JSON holds every figure, and that every response of the concurrent-client
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pcscbridge.bench.measure import KINDS
-from pcscbridge.bench.run import SESSION_KINDS
+from bench.measure import KINDS
+from bench.run import SESSION_KINDS
 
 pytestmark = pytest.mark.rig
 
@@ -37,7 +37,7 @@ def test_bench_quick_runs_and_reports_every_figure(rig_prerequisites: None, tmp_
         [
             sys.executable,
             "-m",
-            "pcscbridge.bench",
+            "bench",
             "--quick",
             "--paths",
             ",".join(PATHS),

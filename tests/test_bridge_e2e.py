@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from pcscbridge.pcsc import ReturnCode
-from pcscbridge.testing.bridge_processes import Bridge
-from pcscbridge.testing.pcsc_programs import assert_full_results_match, json_lines
-from pcscbridge.testing.pcscd_rig import PcscdRig, run_pcsc_client
+from rig.bridge_processes import Bridge
+from rig.pcsc_programs import assert_full_results_match, json_lines
+from rig.pcscd_rig import PcscdRig, run_pcsc_client
 
 pytestmark = pytest.mark.rig
 
 READER = "Virtual PCD 00 00"
-PROGRAMS = [sys.executable, "-m", "pcscbridge.testing.pcsc_programs"]
+PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
 
 
 @pytest.fixture

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from pcscbridge.testing import clientlibs
-from pcscbridge.testing.clientlibs import ClientLib, ClientLibError, ClientLibs, ensure_client_libs
-from pcscbridge.testing.pcscd_rig import PcscdRig
-from pcscbridge.testing.relay import C2S, S2C, LoggingRelay
+from rig import clientlibs
+from rig.clientlibs import ClientLib, ClientLibError, ClientLibs, ensure_client_libs
+from rig.pcscd_rig import PcscdRig
+from rig.relay import C2S, S2C, LoggingRelay
 
 PROTOCOLS = ["4.4", "4.5", "4.6"]
 SUITE_OF = {"4.4": "system", "4.5": "trixie", "4.6": "sid"}
@@ -385,7 +385,7 @@ def test_missing_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_cli_prints_and_runs(client_libs: ClientLibs, short_dir: Path) -> None:
-    cli = [sys.executable, "-m", "pcscbridge.testing.clientlibs"]
+    cli = [sys.executable, "-m", "rig.clientlibs"]
     proc = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60, check=True)
     shown = json.loads(proc.stdout)
     assert {p: shown[p]["deb_version"] for p in PROTOCOLS} == {

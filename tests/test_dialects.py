@@ -24,7 +24,6 @@ import trio.testing
 from pcscbridge.guest.server import GuestServer
 from pcscbridge.host import watcher
 from pcscbridge.host.backends.sim import SimulatedBackend
-from pcscbridge.inprocess import InProcessBridge, inprocess_bridge
 from pcscbridge.pcsc import ReaderStatus, ReturnCode
 from pcscbridge.pcsclite import dialect as dialects
 from pcscbridge.pcsclite.messages import (
@@ -45,6 +44,7 @@ from pcscbridge.pcsclite.readers import (
     legacy_view,
 )
 from pcscbridge.pcsclite.server import ProtocolViolation, ServerConnection
+from pcscbridge.testing.inprocess import InProcessBridge, inprocess_bridge
 from pcscbridge.testing.rawclient import RawClient
 
 SERVICE_STOPPED = ReturnCode.SCARD_E_SERVICE_STOPPED

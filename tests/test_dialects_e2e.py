@@ -26,7 +26,6 @@ import pytest
 import trio
 
 from pcscbridge.host.backends.sim import SimulatedBackend
-from pcscbridge.inprocess import InProcessBridge, inprocess_bridge
 from pcscbridge.pcsc import ReturnCode
 from pcscbridge.pcsclite.messages import (
     CONNECT_SHORT_NAME,
@@ -41,16 +40,17 @@ from pcscbridge.pcsclite.messages import (
     unpack_body,
 )
 from pcscbridge.pcsclite.readers import decode_table, entry_size
-from pcscbridge.testing.bridge_processes import Bridge, BridgeProcess, _wait_for
-from pcscbridge.testing.clientlibs import ClientLib, ClientLibs, ensure_client_libs
-from pcscbridge.testing.pcscd_rig import PcscdRig
+from pcscbridge.testing.inprocess import InProcessBridge, inprocess_bridge
 from pcscbridge.testing.rawclient import RawClient
+from rig.bridge_processes import Bridge, BridgeProcess, _wait_for
+from rig.clientlibs import ClientLib, ClientLibs, ensure_client_libs
+from rig.pcscd_rig import PcscdRig
 
 pytestmark = pytest.mark.rig
 
 READER = "Virtual PCD 00 00"
 DIALECTS = ["4.4", "4.5", "4.6"]
-PROGRAMS = [sys.executable, "-m", "pcscbridge.testing.pcsc_programs"]
+PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
 SCRIPT = (
     "00 A4 04 0C 0B F0 70 63 73 63 62 72 69 64 67 65\n00 A4 02 0C 02 01 01\n"
     "00 B0 00 00 20\n80 10 00 00 03 01 02 03\n00 FF 00 00\n"
@@ -215,7 +215,7 @@ def test_46_client_waiting_first_is_served_as_46_observation_b(
     """Spec §11.2, observation (b): a 2.5 client that negotiated ≤4.5 fails
     SCardGetStatusChange with SCARD_E_NO_SERVICE when it did not list readers first. pcscd
     1.9.9 makes sid's 2.5.3 fall back to 4.4, so it fails there; the guest speaks 4.6 to it."""
-    argv = [sys.executable, "-m", "pcscbridge.testing.pcscd_rig", "wait-card", READER]
+    argv = [sys.executable, "-m", "rig.pcscd_rig", "wait-card", READER]
     argv += ["present", "5"]
     lib = libs["4.6"]
     fallen_back = run(lib, argv, rig.socket_path)

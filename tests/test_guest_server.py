@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import trio
 
-from pcscbridge.inprocess import InProcessBridge, inprocess_bridge
 from pcscbridge.pcsc import ReturnCode
 from pcscbridge.pcsclite.messages import Command, VersionBody, WaitBody, encode_request
+from pcscbridge.testing.inprocess import InProcessBridge, inprocess_bridge
 from pcscbridge.testing.rawclient import RawClient
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from pcscbridge.testing.bridge_processes import PCSCBRIDGE, Bridge, BridgeProcess
-from pcscbridge.testing.pcscd_rig import PcscdRig, run_pcsc_client
 from pcscbridge.testing.rawclient import RawClient
-from pcscbridge.testing.sshd import free_port
+from rig.bridge_processes import PCSCBRIDGE, Bridge, BridgeProcess
+from rig.pcscd_rig import PcscdRig, run_pcsc_client
+from rig.sshd import free_port
 
 SIM_READERS = ["Sim Reader 00 00", "Sim Reader 01 00"]
 

@@ -22,15 +22,15 @@ from pcscbridge.host.backends.simcard import (
     pattern,
     requested_delay,
 )
-from pcscbridge.testing.capture_vectors import split_messages
-from pcscbridge.testing.pcscd_rig import (
+from pcscbridge.testing.rawclient import card_present
+from rig.capture_vectors import split_messages
+from rig.pcscd_rig import (
     PcscdRig,
     run_pcsc_client,
     run_pyscard,
 )
-from pcscbridge.testing.rawclient import card_present
-from pcscbridge.testing.relay import C2S, S2C, LoggingRelay
-from pcscbridge.testing.vpcd_card import VpcdCard
+from rig.relay import C2S, S2C, LoggingRelay
+from rig.vpcd_card import VpcdCard
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocol" / "vectors"
 READER0 = "Virtual PCD 00 00"

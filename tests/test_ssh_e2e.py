@@ -28,15 +28,15 @@ import msgpack
 import pytest
 
 from pcscbridge.pcsc import ReturnCode
-from pcscbridge.testing.bridge_processes import PCSCBRIDGE, Bridge, BridgeProcess
-from pcscbridge.testing.pcsc_programs import assert_full_results_match
-from pcscbridge.testing.pcscd_rig import PcscdRig, run_pcsc_client
-from pcscbridge.testing.sshd import LoopbackSshd, free_port, generate_key
+from rig.bridge_processes import PCSCBRIDGE, Bridge, BridgeProcess
+from rig.pcsc_programs import assert_full_results_match
+from rig.pcscd_rig import PcscdRig, run_pcsc_client
+from rig.sshd import LoopbackSshd, free_port, generate_key
 
 pytestmark = pytest.mark.rig
 
 READER = "Virtual PCD 00 00"
-PROGRAMS = [sys.executable, "-m", "pcscbridge.testing.pcsc_programs"]
+PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
 # sshd gives sessions a PATH without the venv: the guest side runs the venv's script by path.
 REMOTE_PCSCBRIDGE = str(Path(sys.executable).parent / "pcscbridge")
 # Every wait is bounded; these are the bounds the "within a few seconds" stands for.

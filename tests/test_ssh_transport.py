@@ -1,4 +1,4 @@
-"""The SSH transport against a real OpenSSH server on loopback (pcscbridge.testing.sshd)."""
+"""The SSH transport against a real OpenSSH server on loopback (rig.sshd)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import pytest
 import trio
 import trio.testing
 
-from pcscbridge.testing.sshd import LoopbackSshd, free_port, generate_key
 from pcscbridge.transports.ssh import (
     SSHLink,
     SSHLinkError,
@@ -25,6 +24,7 @@ from pcscbridge.transports.ssh import (
     open_ssh_link,
     parse_destination,
 )
+from rig.sshd import LoopbackSshd, free_port, generate_key
 
 pytestmark = pytest.mark.skipif(
     shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),

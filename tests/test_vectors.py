@@ -37,8 +37,8 @@ from pcscbridge.pcsclite.messages import (
 )
 from pcscbridge.pcsclite.readers import decode_table, encode_table, entry_size
 from pcscbridge.pcsclite.server import ProtocolViolation, ServerConnection
-from pcscbridge.testing.bridge_processes import Bridge
-from pcscbridge.testing.pcscd_rig import PcscdRig
+from rig.bridge_processes import Bridge
+from rig.pcscd_rig import PcscdRig
 
 VECTORS = Path(__file__).parent.parent / "protocol" / "vectors"
 FILES = sorted(VECTORS.glob("*.json"))

@@ -1,7 +1,7 @@
 """A pure ISO 7816-4 test card: the one card behind the simulated backend and the vpcd test card.
 
 No I/O: bytes in, bytes out. The simulated backend (``sim.py``) and the vpcd card program
-(``pcscbridge.testing.vpcd_card``) wrap the same :class:`SimulatedCard`, so a test sees the same
+(``rig.vpcd_card``) wrap the same :class:`SimulatedCard`, so a test sees the same
 card whichever way it reaches it.
 
 ATR

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .rawclient import RawClient
+from pcscbridge.testing.rawclient import RawClient
 
 PCSCBRIDGE = [sys.executable, "-m", "pcscbridge"]
 

@@ -18,7 +18,7 @@ Library use (thread based, so plain scripts and trio tests alike can use it)::
     ...
     card.remove()      # closes the connection: vpcd reports the card removed
 
-Program use: ``python -m pcscbridge.testing.vpcd_card --port N [--label X]`` serves until
+Program use: ``python -m rig.vpcd_card --port N [--label X]`` serves until
 vpcd closes the connection or SIGINT/SIGTERM.
 """
 

@@ -26,7 +26,7 @@ Use::
 ``command()`` + ``env()`` run any bookworm program (ELF or ``#!`` script: pcsc_scan, opensc-tool,
 scriptor, the venv's python with pyscard) with that library.
 
-CLI: ``python -m pcscbridge.testing.clientlibs`` fetches (if needed) and prints what it has;
+CLI: ``python -m rig.clientlibs`` fetches (if needed) and prints what it has;
 ``... --run 4.6 -- pcsc_scan -r`` runs a program with one of them.
 """
 
@@ -731,7 +731,7 @@ def _with_probed_protocol(lib: ClientLib) -> ClientLib:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pcscbridge.testing.clientlibs",
+        prog="python -m rig.clientlibs",
         description="Fetch libpcsclite client libraries of protocols 4.4-4.6; show or use them.",
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: %(default)s")

@@ -3,7 +3,7 @@
 libpcsclite reads PCSCLITE_CSOCK_NAME once per process, so each program runs in its own process
 against whichever socket (a rig's pcscd, or the bridge's guest server) its environment names.
 
-    python -m pcscbridge.testing.pcsc_programs PROGRAM [ARGS...]
+    python -m rig.pcsc_programs PROGRAM [ARGS...]
 
 Programs print one JSON object per line (results) or plain marker lines (for coordination).
 """

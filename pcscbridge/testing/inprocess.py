@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import trio
 
-from .guest.server import GuestServer
-from .host.agent import HostAgent
-from .host.backend import Backend
-from .host.policy import Policy
-from .transports.endpoints import unix_listener
+from ..guest.server import GuestServer
+from ..host.agent import HostAgent
+from ..host.backend import Backend
+from ..host.policy import Policy
+from ..transports.endpoints import unix_listener
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Capture golden byte transcripts of the real pcscd 1.9.9 (protocol 4.4) into JSON files.
 
-``python -m pcscbridge.testing.capture_vectors OUTDIR [--only NAME ...]`` starts a private
-:class:`~pcscbridge.testing.pcscd_rig.PcscdRig` (one vpcd entry: "Virtual PCD 00 00" holds the
-test card, "Virtual PCD 00 01" is empty), puts a :class:`~pcscbridge.testing.relay.LoggingRelay`
+``python -m rig.capture_vectors OUTDIR [--only NAME ...]`` starts a private
+:class:`~rig.pcscd_rig.PcscdRig` (one vpcd entry: "Virtual PCD 00 00" holds the
+test card, "Virtual PCD 00 01" is empty), puts a :class:`~rig.relay.LoggingRelay`
 in front of it and drives one scenario per file through the relay: pyscard programs in child
 processes (libpcsclite 1.9.9 underneath), real client programs, and raw sockets for what no
 client library sends. The file format is described in ``protocol/vectors/README.md``.
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pcscbridge.host.backends.simcard import DEFAULT_ATR
-from pcscbridge.testing.pcscd_rig import PcscdRig
-from pcscbridge.testing.relay import C2S, S2C, Chunk, LoggingRelay, RelayConnection
+from rig.pcscd_rig import PcscdRig
+from rig.relay import C2S, S2C, Chunk, LoggingRelay, RelayConnection
 
 # ----------------------------------------------------------------------------- wire knowledge
 

@@ -7,7 +7,7 @@ line and answers with JSON lines:
 ``latency``      N calls of each kind (see :data:`KINDS`), each timed alone with
                  ``perf_counter_ns`` around the pyscard call; stops a kind early when its time
                  budget is spent (but not before ``min_calls``). Every answer is checked.
-``session``      the typical application session of :mod:`pcscbridge.testing.pcsc_programs`
+``session``      the typical application session of :mod:`rig.pcsc_programs`
                  (establish, list, connect, select, 20 READ BINARY, disconnect, release), run in
                  this process; it times itself.
 ``watch``        ``SCardGetStatusChange`` on one reader until it shows the wanted states one
@@ -201,7 +201,7 @@ def _latency(
 
 
 def _session(reader: str, reads: int) -> dict[str, Any]:
-    from pcscbridge.testing import pcsc_programs
+    from rig import pcsc_programs
 
     out = io.StringIO()
     try:
@@ -364,7 +364,7 @@ class MeasureClient:
         env = {**os.environ, "PCSCLITE_CSOCK_NAME": socket_path}
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pcscbridge.bench.measure"],
+                [sys.executable, "-m", "bench.measure"],
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,

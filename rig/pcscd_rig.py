@@ -27,7 +27,7 @@ Waiting for card events, two ways:
   process could only ever reach the first rig; a child process sees each rig (or any other
   socket, e.g. the bridge's guest socket, via ``socket_path``) afresh. Costs ~0.1 s of start-up.
 
-Command line: ``python -m pcscbridge.testing.pcscd_rig serve [--entries N] [--card SLOT ...]``
+Command line: ``python -m rig.pcscd_rig serve [--entries N] [--card SLOT ...]``
 runs a rig until Ctrl-C (prints the environment to use); ``wait-card`` is the child-process
 helper behind :meth:`PcscdRig.wait_for_card_state`.
 """
@@ -53,7 +53,7 @@ from types import TracebackType
 from pcscbridge.host.backends.simcard import SimulatedCard
 from pcscbridge.pcsclite.readers import ReaderEntry
 from pcscbridge.testing.rawclient import RawClient, card_present
-from pcscbridge.testing.vpcd_card import VpcdCard
+from rig.vpcd_card import VpcdCard
 
 VPCD_DRIVER = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
 PCSCD = "/usr/sbin/pcscd"
@@ -473,7 +473,7 @@ def wait_for_card_state(
         [
             sys.executable,
             "-m",
-            "pcscbridge.testing.pcscd_rig",
+            "rig.pcscd_rig",
             "wait-card",
             reader,
             "present" if present else "absent",

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pcscbridge.testing.pcscd_rig import PcscdRig
-from pcscbridge.testing.sshd import LoopbackSshd
+from rig.pcscd_rig import PcscdRig
+from rig.sshd import LoopbackSshd
 
 from .measure import KINDS, MeasureClient
 from .paths import ORDER, PATHS, BenchEnv, RunningPath, open_path
@@ -527,7 +527,7 @@ def run(
             "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
             "versions": tool_versions(),
             "source": source_state(),
-            "command": " ".join(["python", "-m", "pcscbridge.bench", *sys.argv[1:]]),
+            "command": " ".join(["python", "-m", "bench", *sys.argv[1:]]),
         },
         "paths": {name: asdict(PATHS[name]) for name in paths},
         "kinds": KINDS,

@@ -8,7 +8,7 @@ wait: bandwidth is not limited, only latency is added (like `tc qdisc ... netem 
 
 It runs as its own process, so its threads never compete for a GIL with anything measured:
 
-    python -m pcscbridge.bench.delay --target 127.0.0.1:PORT --delay 5
+    python -m bench.delay --target 127.0.0.1:PORT --delay 5
 
 prints ``LISTENING <port>`` once it accepts on 127.0.0.1 and serves until SIGTERM/SIGINT or
 until its stdin closes (so it dies with the benchmark that started it).
@@ -185,7 +185,7 @@ class DelayProxyProcess:
             [
                 sys.executable,
                 "-m",
-                "pcscbridge.bench.delay",
+                "bench.delay",
                 "--target",
                 f"127.0.0.1:{self.target_port}",
                 "--delay",

@@ -1,4 +1,4 @@
-"""`python -m pcscbridge.bench`: pcscbridge against the alternatives, side by side, in one run.
+"""`python -m bench`: pcscbridge against the alternatives, side by side, in one run.
 
 See docs/bench.md for what each path is and how to read the results.
 """
@@ -39,7 +39,7 @@ def _paths(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pcscbridge.bench",
+        prog="python -m bench",
         description="Measure pcscbridge against direct pcscd, socat and ssh socket forwards on "
         "a real pcscd with virtual readers (needs root; see docs/bench.md).",
     )

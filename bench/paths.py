@@ -5,7 +5,7 @@ gives the measuring clients one UNIX socket to point PCSCLITE_CSOCK_NAME at. Pat
 network link (the ssh forwards, the bridge over TCP and over SSH) can have the userspace delay
 proxy (:mod:`.delay`) put into that link; paths made only of UNIX sockets have no link to
 delay. Each path gets socket paths and ports of its own; the SSH paths share one loopback sshd
-(:class:`pcscbridge.testing.sshd.LoopbackSshd`) and reach it with ``ssh -F <own config>``.
+(:class:`rig.sshd.LoopbackSshd`) and reach it with ``ssh -F <own config>``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcscbridge.testing.bridge_processes import Bridge, BridgeProcess
-from pcscbridge.testing.pcscd_rig import PcscdRig, read_reader_states
-from pcscbridge.testing.sshd import LoopbackSshd, free_port
+from rig.bridge_processes import Bridge, BridgeProcess
+from rig.pcscd_rig import PcscdRig, read_reader_states
+from rig.sshd import LoopbackSshd, free_port
 
 from .delay import DelayProxyProcess
 from .procs import cmdline, die_with_parent, stop_process, wait_until
