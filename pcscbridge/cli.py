@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -22,6 +22,10 @@ from .transports.endpoints import (
     default_link_endpoint,
     parse_endpoint,
 )
+
+if TYPE_CHECKING:
+    from .host.backend import Backend
+    from .host.service import Service
 
 log = logging.getLogger("pcscbridge")
 
@@ -225,6 +229,7 @@ async def _until_stopped(
 
 async def _guest(args: argparse.Namespace) -> int:
     from .guest.server import GuestServer
+    from .guest.session import SessionOptions
     from .transports.endpoints import connect, open_listener, systemd_listeners, unix_listener
 
     activated = systemd_listeners()
@@ -235,7 +240,9 @@ async def _guest(args: argparse.Namespace) -> int:
     else:
         print("pcscbridge guest: --listen PATH is required (or socket activation)", file=sys.stderr)
         return EXIT_USAGE
-    server = GuestServer(reader_slots=args.reader_slots, legacy_readers=args.legacy_readers)
+    server = GuestServer(
+        SessionOptions(reader_slots=args.reader_slots, legacy_readers=tuple(args.legacy_readers))
+    )
     link: Endpoint = args.link
     created = [] if activated else [args.listen]
     log.info(
@@ -261,7 +268,7 @@ async def _guest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend(name: str, sim_readers: int = 2):  # type: ignore[no-untyped-def]
+def _backend(name: str, sim_readers: int = 2) -> Backend:
     if name == "sim":
         from .host.backends.sim import SimulatedBackend
         from .host.backends.simcard import SimulatedCard
@@ -276,9 +283,17 @@ def _backend(name: str, sim_readers: int = 2):  # type: ignore[no-untyped-def]
 
 
 async def _host(args: argparse.Namespace) -> int:
+    from .host.service import open_host_service
+
     backend = _backend(args.backend, args.sim_readers)
-    if args.ssh:
-        return await _host_over_ssh(args, backend)
+    # Every front-end reaches the backend through this one service; policy and audit wrap it.
+    async with open_host_service(backend) as service:
+        if args.ssh:
+            return await _host_over_ssh(args, service)
+        return await _host_over_link(args, service)
+
+
+async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
     from .host.runner import keep_attached
     from .transports.endpoints import connect
 
@@ -289,16 +304,12 @@ async def _host(args: argparse.Namespace) -> int:
 
     log.info("serving the host's readers (%s) to the guest at %s", args.backend, endpoint)
     await keep_attached(
-        open_link,
-        backend,
-        None,
-        guest=str(endpoint),
-        is_transient=lambda exc: isinstance(exc, OSError),
+        open_link, service, guest=str(endpoint), is_transient=lambda exc: isinstance(exc, OSError)
     )
     return 0
 
 
-async def _host_over_ssh(args: argparse.Namespace, backend: Any) -> int:
+async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
     from .host.runner import keep_attached
     from .transports.ssh import SSHLinkError, SSHTarget, open_ssh_link
 
@@ -327,7 +338,7 @@ async def _host_over_ssh(args: argparse.Namespace, backend: Any) -> int:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     log.info("serving the host's readers (%s) to %s over SSH", args.backend, args.ssh)
     try:
-        await keep_attached(open_link, backend, None, guest=args.ssh, is_transient=transient)
+        await keep_attached(open_link, service, guest=args.ssh, is_transient=transient)
     except SSHLinkError as exc:
         print(f"pcscbridge host: {exc.message}", file=sys.stderr)
         return exc.exit_code

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+from .errors import BridgeError
+
 
 class ReturnCode(IntEnum):
     SCARD_S_SUCCESS = 0x00000000
@@ -80,7 +82,7 @@ def rv_name(rv: int) -> str:
         return f"0x{rv:08X}"
 
 
-class PCSCError(Exception):
+class PCSCError(BridgeError):
     """A PC/SC call failed with return code `rv` (unsigned 32-bit)."""
 
     def __init__(self, rv: int, message: str = "") -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import select
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ import trio.testing
 
 from pcscbridge.guest.server import GuestServer
 from pcscbridge.host import watcher
+from pcscbridge.host.agent import table_entry
 from pcscbridge.host.backends.sim import SimulatedBackend
+from pcscbridge.host.readers import HostReader
 from pcscbridge.pcsc import ReaderStatus, ReturnCode
 from pcscbridge.pcsclite import dialect as dialects
 from pcscbridge.pcsclite.messages import (
@@ -381,7 +383,7 @@ async def test_46_signal_due_during_the_table_read_follows_the_array(
     server = bridge.server
     c = await in_thread(DialectClient, bridge.socket_path, "4.6")
     with c:
-        session = server.contexts[c.h_context]
+        session = server.registry.context_owner(c.h_context)
         await in_thread(c.send, encode_request(Command.CMD_WAIT_READER_STATE_CHANGE, Empty()))
         with trio.fail_after(5):
             while not server.mirror.is_registered(session):
@@ -476,7 +478,9 @@ async def test_legacy_readers_choose_what_fixed_size_clients_see(
     bridge: InProcessBridge, sim: SimulatedBackend
 ) -> None:
     server = bridge.server
-    server.legacy_readers = ("Sim Reader 1? 00", "Sim Reader 0F 00")
+    server.options = replace(
+        server.options, legacy_readers=("Sim Reader 1? 00", "Sim Reader 0F 00")
+    )
     extra = add_readers(sim, 2, 20)
     await until(server, lambda: len(server.mirror.reader_names) == 20)
     # 16 fit: the four 1x readers (first pattern), 0F (second), then 00-0A in slot order.
@@ -498,7 +502,8 @@ async def test_reader_slots_sizes_every_fixed_size_table(
     bridge: InProcessBridge, sim: SimulatedBackend
 ) -> None:
     server = bridge.server
-    server.reader_slots = 48  # clients built with PCSCLITE_MAX_READERS_CONTEXTS 48 (Fedora)
+    # clients built with PCSCLITE_MAX_READERS_CONTEXTS 48 (Fedora)
+    server.options = replace(server.options, reader_slots=48)
     extra = add_readers(sim, 2, 20)
     await until(server, lambda: len(server.mirror.reader_names) == 20)
 
@@ -574,8 +579,8 @@ async def test_watcher_reports_more_than_16_readers_and_their_changes_at_once(
     sim = SimulatedBackend([f"R {index:02d}" for index in range(20)])  # refuses > 16 states
     published, tables = trio.open_memory_channel[list[Any]](1000)
 
-    async def publish(rows: list[Any]) -> None:
-        published.send_nowait(rows)
+    def publish(readers: tuple[HostReader, ...]) -> None:
+        published.send_nowait([list(astuple(table_entry(reader))) for reader in readers])
 
     present = int(ReaderStatus.SCARD_PRESENT)
     async with trio.open_nursery() as nursery:

@@ -121,7 +121,7 @@ async def test_dialect_43_waits_with_a_body_and_no_table(guest: InProcessBridge)
             c.wait(with_array=False, body=WaitBody(60000, 0))  # ≤4.3: nothing comes back
 
         await in_thread(register)
-        session = guest.server.contexts[c.h_context]
+        session = guest.server.registry.context_owner(c.h_context)
         with trio.fail_after(5):
             while not guest.server.mirror.is_registered(session):
                 await trio.sleep(0.01)

@@ -7,6 +7,7 @@ import struct
 import msgpack
 import pytest
 
+from pcscbridge.link.calls import Connect, Transmit
 from pcscbridge.link.protocol import (
     Hello,
     LinkConnection,
@@ -18,9 +19,9 @@ from pcscbridge.link.protocol import (
 )
 
 MESSAGES = [
-    Hello("guest", software="pcscbridge test", capabilities=("readers",)),
-    Request(1, "transmit", [123, 2, b"\x00\xa4\x04\x00"]),
-    Request(2**40, "connect", [1, 2, "Virtual PCD 00 00", 2, 3]),
+    Hello("guest", software="pcscbridge test", max_message_size=4096),
+    Request(1, Transmit(123, 2, b"\x00\xa4\x04\x00")),
+    Request(2**40, Connect(1, 2, "Virtual PCD 00 00", 2, 3)),
     Response(1, 0, [b"\x90\x00"]),
     Response(2, 0x80100069, None),
     Push("readers", [["Virtual PCD 00 00", 3, 0x34, 0, b"\x3b\x00", 0]]),
@@ -41,7 +42,7 @@ def test_messages_round_trip_in_any_fragmentation(chunk: int) -> None:
 
 
 def test_large_apdu_fits() -> None:
-    message = Request(9, "transmit", [1, 2, bytes(65548)])
+    message = Request(9, Transmit(1, 2, bytes(65548)))
     conn = LinkConnection()
     conn.receive_data(encode(message))
     assert conn.next_message() == message

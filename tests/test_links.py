@@ -211,14 +211,16 @@ async def test_pushes_are_applied_in_the_order_they_came() -> None:
         server = GuestServer()
         guest_side, host_side = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.attach_host, guest_side)
+            nursery.start_soon(server.host.attach, guest_side)
             await host_side.send_all(
                 encode(Hello("host"))
                 + encode(Push("readers", []))
                 + encode(Push("readers", [reader]))
             )
             with trio.fail_after(5):
-                while not server.readers_pushed.is_set() or len(server.mirror.reader_names) != 1:
+                while (
+                    not server.host.readers_pushed.is_set() or len(server.mirror.reader_names) != 1
+                ):
                     await trio.sleep(0)
                 await trio.sleep(0.01)  # give a wrongly ordered second push time to land
             assert server.mirror.reader_names == ["Host Reader 00 00"]
@@ -230,6 +232,7 @@ async def test_a_silent_peer_is_noticed_by_the_keepalive_and_a_live_one_is_kept(
 
     from pcscbridge.host.agent import HostAgent
     from pcscbridge.host.backends.sim import SimulatedBackend
+    from pcscbridge.host.service import open_host_service
     from pcscbridge.link.endpoint import LinkEndpoint
     from pcscbridge.link.protocol import Hello, encode
 
@@ -249,9 +252,9 @@ async def test_a_silent_peer_is_noticed_by_the_keepalive_and_a_live_one_is_kept(
     endpoint = LinkEndpoint(guest_side, "guest", keepalive=0.05, on_push=ignore)
     backend = SimulatedBackend(["Sim Reader 00 00"])
     try:
-        async with trio.open_nursery() as nursery:
+        async with open_host_service(backend) as service, trio.open_nursery() as nursery:
             nursery.start_soon(endpoint.run)
-            nursery.start_soon(HostAgent(backend).serve, host_side)
+            nursery.start_soon(HostAgent(service).serve, host_side)
             await trio.sleep(1.0)
             assert not endpoint.closed
             nursery.cancel_scope.cancel()

@@ -79,6 +79,11 @@ class ReaderMirror:
     def is_registered(self, waiter: Waiter) -> bool:
         return waiter in self._registered
 
+    @property
+    def waiter_count(self) -> int:
+        """Connections registered for the next event signal."""
+        return len(self._registered)
+
     def cancel(self, waiter: Waiter) -> bool:
         if not self.unregister(waiter):
             return False

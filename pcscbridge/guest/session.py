@@ -2,7 +2,8 @@
 
 Reader-state reads, waits and cancels are answered from the mirror; calls that touch a card
 go to the host over the link. Requests on one connection are served in order, as pcscd does;
-a blocking call blocks only its own connection.
+a blocking call blocks only its own connection. What a session needs from the server it names
+in the small protocols below.
 """
 
 from __future__ import annotations
@@ -10,19 +11,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from ..exceptions import first_leaf
-from ..pcsc import (
-    MAX_BUFFER_SIZE,
-    PCSCError,
-    ReturnCode,
-    Scope,
-    rv_name,
+from ..errors import first_leaf
+from ..link.calls import (
+    BeginTransaction,
+    CardCall,
+    Connect,
+    Control,
+    Disconnect,
+    EndTransaction,
+    GetAttrib,
+    Reconnect,
+    SetAttrib,
+    Status,
+    Transmit,
 )
+from ..pcsc import MAX_BUFFER_SIZE, PCSCError, ReturnCode, Scope, rv_name
 from ..pcsclite.messages import (
     AttribBody,
     CancelBody,
@@ -35,20 +44,16 @@ from ..pcsclite.messages import (
     WaitBody,
     encode_reply,
 )
-from ..pcsclite.readers import encode_table
+from ..pcsclite.readers import LEGACY_TABLE_SLOTS, ReaderEntry, encode_table, legacy_view
 from ..pcsclite.server import ProtocolViolation, Request, ServerConnection, reader_name
-
-if TYPE_CHECKING:
-    from .server import GuestServer
+from .mirror import ReaderMirror, Waiter
 
 log = logging.getLogger("pcscbridge.guest.session")
 
 MAX_HANDLES_PER_CONNECTION = 200  # pcscd's --max-card-handle-per-thread default
+HANDLE_MISUSE_DELAY = 2.0  # pcscd sleeps this long before closing on a foreign card handle
 RECEIVE_SIZE = 65536 + 1024
 _SIZE = struct.Struct("=i")
-
-# What a 4.6 client sends between WAIT and the end of its table read (0x17 ends it).
-_TABLE_READ = {Command.CMD_WAIT_READER_STATE_CHANGE, Command.CMD_GET_READERS_STATE_SIZE}
 
 # Commands whose first field is a card handle that must belong to this connection.
 _CARD_COMMANDS = {
@@ -64,6 +69,45 @@ _CARD_COMMANDS = {
 }
 
 
+class Host(Protocol):
+    """The attached host, as a session sees it (guest/hostlink.py)."""
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the link does; handles opened under another value are gone."""
+        ...
+
+    async def connect(self, call: Connect) -> int: ...
+    async def card_call(self, call: CardCall) -> Any: ...
+    async def release_context(self, h_context: int) -> None: ...
+
+
+class Registry(Protocol):
+    """Context and card-handle numbers shared by all connections (guest/registry.py)."""
+
+    def add_context(self, owner: Waiter) -> int: ...
+    def remove_context(self, h_context: int) -> None: ...
+    def context_owner(self, h_context: int) -> Waiter | None: ...
+    def add_card(self) -> int: ...
+    def remove_card(self, h_card: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """`reader_slots`: the table size of clients with a fixed-size table (protocols up to
+    4.5, and 0x12 of 4.6): PCSCLITE_MAX_READERS_CONTEXTS of their libpcsclite build.
+    `legacy_readers`: fnmatch patterns choosing which readers such clients see when the host
+    has more than fit (see readers.legacy_view)."""
+
+    reader_slots: int = LEGACY_TABLE_SLOTS
+    legacy_readers: Sequence[str] = ()
+    handle_misuse_delay: float = HANDLE_MISUSE_DELAY
+
+    def __post_init__(self) -> None:
+        if self.reader_slots < 1:
+            raise ValueError("reader_slots must be at least 1")
+
+
 @dataclass
 class CardHandle:
     h_card: int
@@ -72,26 +116,32 @@ class CardHandle:
     share_mode: int
 
 
-class HandleMisuse(Exception):
+class HandleMisuse(ProtocolViolation):
     """A card handle this connection does not own: pcscd waits 2 s and hangs up."""
 
 
 class ClientSession:
-    def __init__(self, server: GuestServer, stream: trio.abc.Stream, name: str) -> None:
-        self.server = server
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        name: str,
+        *,
+        mirror: ReaderMirror,
+        registry: Registry,
+        host: Host,
+        options: SessionOptions,
+    ) -> None:
         self.stream = stream
         self.name = name
+        self.mirror = mirror
+        self.registry = registry
+        self.host = host
+        self.options = options
         self.protocol = ServerConnection()
         self.h_context: int | None = None
         self.cards: dict[int, CardHandle] = {}
         self._write_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
-        # 4.6: a registration's table is read with 0x16 and 0x17 after WAIT. A signal due
-        # meanwhile is held back until that read is done (pcscd 2.5 may write it in between,
-        # where the client takes it for the size: spec §11.2 observation (a)).
-        self._reading_table = False
-        self._held_signal: int | None = None
-        self._reported_size: int | None = None  # the last 0x16 answer: 0x17 sends as many
 
     # --- I/O -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -102,7 +152,7 @@ class ClientSession:
                 nursery.start_soon(self._serve, requests_out)
                 await self._receive(requests_in)
                 nursery.cancel_scope.cancel()
-        except* (ProtocolViolation, HandleMisuse) as group:
+        except* ProtocolViolation as group:
             log.warning("client %s: %s; closing the connection", self.name, first_leaf(group))
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
             log.debug("client %s: connection lost: %s", self.name, first_leaf(group))
@@ -114,16 +164,14 @@ class ClientSession:
                 exc_info=first_leaf(group),
             )
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 await self._cleanup()
                 await self.stream.aclose()
 
     async def _receive(self, requests: trio.MemorySendChannel[Request]) -> None:
         async with requests:
-            while True:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    return
+            while data := await self.stream.receive_some(RECEIVE_SIZE):
                 self.protocol.receive_data(data)
                 while (request := self.protocol.next_request()) is not None:
                     await requests.send(request)
@@ -140,11 +188,9 @@ class ClientSession:
 
     def signal(self, rv: int) -> None:
         """The 8-byte event signal; queued behind any reply being written (FIFO lock)."""
-        if self._reading_table:
-            self._held_signal = rv  # at most one: signalling unregisters
-            return
-        if self._nursery is not None:
-            self._nursery.start_soon(self._send_quietly, encode_reply(WaitBody(0, rv)))
+        data = self.protocol.signal(rv)
+        if data is not None and self._nursery is not None:
+            self._nursery.start_soon(self._send_quietly, data)
 
     async def _send_quietly(self, data: bytes) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -156,7 +202,7 @@ class ClientSession:
         if request.command in _CARD_COMMANDS:
             handle = self.cards.get(body.h_card)
             if handle is None or self.h_context is None:
-                await trio.sleep(self.server.handle_misuse_delay)
+                await trio.sleep(self.options.handle_misuse_delay)
                 raise HandleMisuse(
                     f"{request.command.name} with card handle 0x{body.h_card & 0xFFFFFFFF:08X} "
                     "not owned by this connection"
@@ -166,13 +212,9 @@ class ClientSession:
             reply = await self._other_command(request)
         if reply is not None:
             await self.send(reply)
-        if self._reading_table and request.command not in _TABLE_READ:
-            # The table read after a 4.6 WAIT is over (0x17, or anything else the client
-            # sent instead): a signal held meanwhile follows the reply.
-            self._reading_table = False
-            held, self._held_signal = self._held_signal, None
-            if held is not None:
-                await self.send(encode_reply(WaitBody(0, held)))
+        held = self.protocol.reply_sent(request.command)
+        if held is not None:
+            await self.send(held)
 
     async def _other_command(self, request: Request) -> bytes | None:
         body: Any = request.body
@@ -202,22 +244,21 @@ class ClientSession:
             case Command.CMD_GET_READERS_STATE:
                 return self._legacy_table()
             case Command.CMD_WAIT_READER_STATE_CHANGE:
-                return self._wait(request)
+                # Registration and the table dump are one step: no await in between, so no
+                # signal can slip ahead of the table (its write queues behind this reply).
+                self.mirror.register(self)
+                return self._legacy_table() if self.protocol.wait_reply(request) else None
             case Command.CMD_STOP_WAITING_READER_STATE_CHANGE:
-                if self.server.mirror.unregister(self):
+                if self.mirror.unregister(self):
                     return encode_reply(WaitBody(0, ReturnCode.SCARD_S_SUCCESS))
                 return None  # the signal already sent is the client's answer
             case Command.CMD_GET_READER_EVENTS:
-                return encode_reply(ReaderEventsBody(self.server.mirror.reader_events, 0))
+                return encode_reply(ReaderEventsBody(self.mirror.reader_events, 0))
             case Command.CMD_GET_READERS_STATE_SIZE:
-                self._reported_size = len(self.server.mirror.slots)
-                return _SIZE.pack(self._reported_size)
+                return _SIZE.pack(self.protocol.table_size(len(self.mirror.slots)))
             case Command.CMD_GET_READERS_STATE_ARRAY:
-                # As many entries as the client was told by its 0x16: it reads exactly that
-                # many. Should the table have grown in between, the signal that follows makes
-                # it read again.
-                slots = self.server.mirror.slots
-                count = self._reported_size or len(slots)
+                slots = self.mirror.slots
+                count = self.protocol.table_count(len(slots))
                 return encode_table(slots[:count], count, self.protocol.reader_name_size)
         raise ProtocolViolation(f"{request.command.name} is not served")
 
@@ -228,23 +269,17 @@ class ClientSession:
         older ones get empty slots, as from the pcscd of their time (always 16 slots used)."""
         dialect = self.protocol.dialect
         return encode_table(
-            self.server.legacy_slots(),
-            self.server.reader_slots,
+            self.legacy_slots(),
+            self.options.reader_slots,
             self.protocol.reader_name_size,
             pad_zero=dialect is not None and dialect.has_variable_array,
         )
 
-    def _wait(self, request: Request) -> bytes | None:
-        # Registration and the table dump are one step: no await in between, so no signal can
-        # slip ahead of the table (the signal's write queues behind this reply).
-        self.server.mirror.register(self)
-        dialect = self.protocol.effective_dialect
-        if isinstance(request.body, WaitBody):
-            return None  # ≤4.3: the client read the table before, with 0x12
-        if dialect.has_variable_array:
-            self._reading_table = True  # 4.6: 0x16 and 0x17 follow
-            return None
-        return self._legacy_table()
+    def legacy_slots(self) -> list[ReaderEntry | None]:
+        """What a client with a fixed-size table sees: `reader_slots` entries at most."""
+        return legacy_view(
+            self.mirror.slots, self.options.reader_slots, self.options.legacy_readers
+        )
 
     # --- contexts --------------------------------------------------------------------------
     async def _establish(self, body: EstablishBody) -> EstablishBody:
@@ -252,7 +287,7 @@ class ClientSession:
             return body._replace(h_context=0, rv=ReturnCode.SCARD_E_INVALID_VALUE)
         if self.h_context is not None:
             await self._release_context()
-        self.h_context = self.server.register_context(self)
+        self.h_context = self.registry.add_context(self)
         return body._replace(h_context=self.h_context, rv=ReturnCode.SCARD_S_SUCCESS)
 
     async def _release(self, body: ReleaseBody) -> ReleaseBody:
@@ -265,28 +300,26 @@ class ClientSession:
 
     async def _release_context(self) -> None:
         assert self.h_context is not None
-        self.server.mirror.unregister(self)
+        self.mirror.unregister(self)
         h_context, self.h_context = self.h_context, None
-        self.server.unregister_context(h_context)
+        self.registry.remove_context(h_context)
         for handle in self.cards.values():
-            self.server.release_card_id(handle.h_card)
-            self.server.mirror.handle_closed(handle.reader, handle.share_mode)
-        had_cards = bool(self.cards)
+            self.registry.remove_card(handle.h_card)
+            self.mirror.handle_closed(handle.reader, handle.share_mode)
         self.cards.clear()
-        if had_cards or self.server.context_used_on_link(h_context):
-            # The host releases what this context held: handles left, transactions reset.
-            await self.server.call_quietly("release_context", [h_context])
+        # The host releases what this context held: handles left, transactions reset.
+        await self.host.release_context(h_context)
 
     async def _cleanup(self) -> None:
         if self.h_context is not None:
             await self._release_context()
-        self.server.mirror.unregister(self)
+        self.mirror.unregister(self)
 
     def _cancel(self, body: CancelBody) -> CancelBody:
-        target = self.server.contexts.get(body.h_context)
+        target = self.registry.context_owner(body.h_context)
         if target is None:
             return body._replace(rv=ReturnCode.SCARD_E_INVALID_HANDLE)
-        self.server.mirror.cancel(target)
+        self.mirror.cancel(target)
         return body._replace(rv=ReturnCode.SCARD_S_SUCCESS)
 
     # --- cards -----------------------------------------------------------------------------
@@ -296,27 +329,25 @@ class ClientSession:
         if body.h_context != self.h_context:
             return body._replace(rv=ReturnCode.SCARD_E_INVALID_VALUE)
         reader = reader_name(body)
-        if self.server.mirror.find(reader) is None:
+        if self.mirror.find(reader) is None:
             return body._replace(rv=ReturnCode.SCARD_E_UNKNOWN_READER)
         if len(self.cards) >= MAX_HANDLES_PER_CONNECTION:
             return body._replace(rv=ReturnCode.SCARD_E_NO_MEMORY)
-        h_card = self.server.allocate_card_id()
-        generation = self.server.link_generation
+        h_card = self.registry.add_card()
+        generation = self.host.generation
+        call = Connect(self.h_context, h_card, reader, body.share_mode, body.preferred_protocols)
         try:
-            (protocol,) = await self.server.call(
-                "connect",
-                [self.h_context, h_card, reader, body.share_mode, body.preferred_protocols],
-            )
+            protocol = await self.host.connect(call)
         except PCSCError as exc:
-            self.server.release_card_id(h_card)
+            self.registry.remove_card(h_card)
             return body._replace(rv=exc.rv)
         self.cards[h_card] = CardHandle(h_card, reader, generation, body.share_mode)
-        self.server.mirror.handle_opened(reader, protocol, body.share_mode)
+        self.mirror.handle_opened(reader, protocol, body.share_mode)
         return body._replace(h_card=h_card, active_protocol=protocol, rv=0)
 
     async def _card_command(self, request: Request, handle: CardHandle) -> bytes:
         body: Any = request.body
-        if handle.link_generation != self.server.link_generation:
+        if handle.link_generation != self.host.generation:
             # The link this handle lived on is gone, and the host released it.
             if request.command == Command.SCARD_DISCONNECT:
                 self._forget(handle)
@@ -335,19 +366,19 @@ class ClientSession:
 
     def _forget(self, handle: CardHandle) -> None:
         self.cards.pop(handle.h_card, None)
-        self.server.release_card_id(handle.h_card)
-        self.server.mirror.handle_closed(handle.reader, handle.share_mode)
+        self.registry.remove_card(handle.h_card)
+        self.mirror.handle_closed(handle.reader, handle.share_mode)
 
     async def _card_call(self, request: Request, handle: CardHandle) -> bytes:
         body: Any = request.body
-        call = self.server.call
+        call = self.host.card_call
         h_card = handle.h_card
         match request.command:
             case Command.SCARD_TRANSMIT:
-                (response,) = await call("transmit", [h_card, body.send_pci_protocol, request.data])
+                response = await call(Transmit(h_card, body.send_pci_protocol, request.data))
                 return _transmit_reply(body, response)
             case Command.SCARD_CONTROL:
-                (response,) = await call("control", [h_card, body.control_code, request.data])
+                response = await call(Control(h_card, body.control_code, request.data))
                 if len(response) > body.recv_length:
                     return encode_reply(
                         body._replace(
@@ -356,32 +387,32 @@ class ClientSession:
                     )
                 return encode_reply(body._replace(bytes_returned=len(response), rv=0), response)
             case Command.SCARD_STATUS:
-                await call("status", [h_card])
+                await call(Status(h_card))
                 return encode_reply(body._replace(rv=0))
             case Command.SCARD_BEGIN_TRANSACTION:
-                await call("begin_transaction", [h_card])
+                await call(BeginTransaction(h_card))
                 return encode_reply(body._replace(rv=0))
             case Command.SCARD_END_TRANSACTION:
-                await call("end_transaction", [h_card, body.disposition])
+                await call(EndTransaction(h_card, body.disposition))
                 return encode_reply(body._replace(rv=0))
             case Command.SCARD_RECONNECT:
-                (protocol,) = await call(
-                    "reconnect",
-                    [h_card, body.share_mode, body.preferred_protocols, body.initialization],
+                protocol = await call(
+                    Reconnect(
+                        h_card, body.share_mode, body.preferred_protocols, body.initialization
+                    )
                 )
-                mirror = self.server.mirror
-                mirror.handle_closed(handle.reader, handle.share_mode)
+                self.mirror.handle_closed(handle.reader, handle.share_mode)
                 handle.share_mode = body.share_mode
-                mirror.handle_opened(handle.reader, protocol, handle.share_mode)
+                self.mirror.handle_opened(handle.reader, protocol, handle.share_mode)
                 return encode_reply(body._replace(active_protocol=protocol, rv=0))
             case Command.SCARD_DISCONNECT:
                 try:
-                    await call("disconnect", [h_card, body.disposition])
+                    await call(Disconnect(h_card, body.disposition))
                 finally:
                     self._forget(handle)
                 return encode_reply(body._replace(rv=0))
             case Command.SCARD_GET_ATTRIB:
-                (value,) = await call("get_attrib", [h_card, body.attr_id])
+                value = await call(GetAttrib(h_card, body.attr_id))
                 if len(value) > min(body.attr_length, MAX_BUFFER_SIZE):
                     return encode_reply(
                         body._replace(
@@ -390,7 +421,7 @@ class ClientSession:
                     )
                 return encode_reply(body._replace(attr=value, attr_length=len(value), rv=0))
             case Command.SCARD_SET_ATTRIB:
-                await call("set_attrib", [h_card, body.attr_id, body.attr[: body.attr_length]])
+                await call(SetAttrib(h_card, body.attr_id, body.attr[: body.attr_length]))
                 return encode_reply(body._replace(rv=0))
         raise ProtocolViolation(f"{request.command.name} is not served")
 

@@ -8,8 +8,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .agent import HostAgent
-from .backend import Backend
-from .policy import Policy
+from .service import Service
 
 log = logging.getLogger("pcscbridge.host")
 
@@ -32,15 +31,13 @@ class Backoff:
 
 async def keep_attached(
     open_link: Callable[[], Awaitable[trio.abc.Stream]],
-    backend: Backend,
-    policy: Policy | None,
+    service: Service,
     *,
     guest: str,
     is_transient: Callable[[Exception], bool],
 ) -> None:
     """Run until cancelled. Errors `is_transient` rejects are raised to the caller."""
     backoff = Backoff()
-    limiter = trio.CapacityLimiter(256)
     while True:
         try:
             stream = await open_link()
@@ -52,7 +49,7 @@ async def keep_attached(
             await trio.sleep(delay)
             continue
         started = trio.current_time()
-        await HostAgent(backend, policy, guest=guest, limiter=limiter).serve(stream)
+        await HostAgent(service, guest=guest).serve(stream)
         if trio.current_time() - started > STABLE_AFTER:
             backoff.reset()
         delay = backoff.next()

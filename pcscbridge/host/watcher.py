@@ -1,24 +1,25 @@
-"""Watches the host's readers through the backend and reports the readers-state table.
+"""Watches the host's readers through the backend and publishes them as plain reader states.
 
-The host API reports SCARD_STATE_* bits; the guest's mirror needs pcscd's table entries, so
-the conversion lives here, next to the only code that reads the host's reader states.
+One watcher serves every front-end (host/readers.py's board). Changes are found with
+SCardGetStatusChange on the PnP pseudo-reader and on every reader at once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from ..exceptions import first_leaf
-from ..pcsc import PNP_NOTIFICATION, PCSCError, ReaderStatus, ReturnCode, State
+from ..errors import first_leaf
+from ..pcsc import PNP_NOTIFICATION, PCSCError, ReturnCode, State
 from .backend import Backend, ReaderState
+from .readers import HostReader
 
 log = logging.getLogger("pcscbridge.host.watcher")
 
-ReaderRow = list[Any]  # [name, event_counter, state, sharing, atr, protocol], as on the link
+Publish = Callable[[tuple[HostReader, ...]], None]
 RETRY_DELAY = 1.0
 # Waits end by themselves this often, so a wait whose cancel got lost cannot hold its context
 # for long.
@@ -28,39 +29,8 @@ MAX_STATES_PER_CALL = 16
 CANCEL_RETRY = 0.02  # seconds between cancels of a wait that has not ended yet
 
 
-def reader_row(state: ReaderState) -> ReaderRow:
-    """pcscd's table entry for one reader, from what SCardGetStatusChange reports."""
-    event = state.event_state
-    counter = (event >> 16) & 0xFFFF
-    if event & (State.UNKNOWN | State.UNAVAILABLE):
-        status = ReaderStatus.SCARD_UNKNOWN
-    elif event & State.PRESENT:
-        if event & State.MUTE:
-            status = ReaderStatus.SCARD_PRESENT | ReaderStatus.SCARD_SWALLOWED
-        else:
-            # pcscd publishes PRESENT|POWERED|NEGOTIABLE for a card with an ATR, and keeps it
-            # when it powers an idle card down.
-            status = (
-                ReaderStatus.SCARD_PRESENT
-                | ReaderStatus.SCARD_POWERED
-                | ReaderStatus.SCARD_NEGOTIABLE
-            )
-    else:
-        status = ReaderStatus.SCARD_ABSENT
-    if event & State.EXCLUSIVE:
-        sharing = -1
-    elif event & State.INUSE:
-        sharing = 1  # the API tells "in use", not how many handles
-    else:
-        sharing = 0
-    atr = state.atr if event & State.PRESENT else b""
-    return [state.reader, counter, int(status), sharing, bytes(atr), 0]
-
-
 async def watch_readers(
-    backend: Backend,
-    publish: Callable[[list[ReaderRow]], Awaitable[None]],
-    limiter: trio.CapacityLimiter | None = None,
+    backend: Backend, publish: Publish, limiter: trio.CapacityLimiter | None = None
 ) -> None:
     """Publish the table now and after every change, until cancelled."""
     while True:
@@ -69,14 +39,12 @@ async def watch_readers(
         except PCSCError as exc:
             # The host's PC/SC service went away or failed: show no readers, try again.
             log.warning("watching the host's readers failed: %s; retrying", exc)
-            await publish([])
+            publish(())
             await trio.sleep(RETRY_DELAY)
 
 
 async def _watch_with_context(
-    backend: Backend,
-    publish: Callable[[list[ReaderRow]], Awaitable[None]],
-    limiter: trio.CapacityLimiter | None,
+    backend: Backend, publish: Publish, limiter: trio.CapacityLimiter | None
 ) -> None:
     # One context per group of reader states: libpcsclite 1.9.9 refuses more than 16 states in
     # one SCardGetStatusChange, and one context runs one call at a time. The first context
@@ -91,7 +59,7 @@ async def _watch_with_context(
             )
             # A reader not seen yet is asked with UNAWARE, so the wait returns at once with it.
             states = [known.get(name) or ReaderState(name) for name in names]
-            await publish([reader_row(known[name]) for name in names if name in known])
+            publish(tuple(_host_reader(known[name]) for name in names if name in known))
             groups = _groups(_next_round([pnp, *states]))
             while len(contexts) < len(groups):
                 contexts.append(
@@ -213,3 +181,7 @@ def _release(backend: Backend, contexts: list[Any]) -> None:
             backend.release_context(context)
         except PCSCError as exc:
             log.debug("release_context: %s", exc)
+
+
+def _host_reader(state: ReaderState) -> HostReader:
+    return HostReader(state.reader, state.event_state, bytes(state.atr))

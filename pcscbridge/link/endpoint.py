@@ -1,4 +1,8 @@
-"""A link endpoint on a trio Stream: hello, concurrent requests, responses, pushes."""
+"""A link endpoint on a trio Stream: hello, concurrent requests, responses, pushes.
+
+Generic: it matches responses to requests and serves requests with a handler, but gives no
+meaning to return codes; the guest's host link and the host agent do.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,15 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
 from .. import __version__
-from ..exceptions import first_leaf
-from ..pcsc import PCSCError, ReturnCode
+from ..errors import BridgeError, ConnectionLost, first_leaf
+from ..pcsc import ReturnCode
+from .calls import Call, Ping
 from .protocol import (
+    DEFAULT_MAX_MESSAGE,
     LINK_PROTOCOL,
     Hello,
     LinkConnection,
@@ -28,12 +33,28 @@ from .protocol import (
 log = logging.getLogger("pcscbridge.link")
 
 HELLO_TIMEOUT = 10.0
+RECEIVE_SIZE = 65536
 RequestHandler = Callable[[Request], Awaitable[Response]]
 PushHandler = Callable[[Push], Awaitable[None]]  # must not block: it runs in the receive loop
+HelloHandler = Callable[[Hello], None]  # runs before any later message is looked at
 
 
-class LinkClosed(Exception):
+class LinkClosed(ConnectionLost):
     """The link went away while a call was waiting for its response."""
+
+
+class MessageTooLarge(BridgeError):
+    """A request larger than the peer accepts (its hello's max_message_size); never sent."""
+
+
+class _Pending:
+    """One request waiting for its response."""
+
+    __slots__ = ("done", "response")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.response: Response | None = None
 
 
 class LinkEndpoint:
@@ -46,9 +67,10 @@ class LinkEndpoint:
         *,
         on_request: RequestHandler | None = None,
         on_push: PushHandler | None = None,
-        capabilities: tuple[str, ...] = (),
+        on_hello: HelloHandler | None = None,
         peer_name: str = "peer",
         keepalive: float | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
         self.stream = stream
         self.role = role
@@ -56,11 +78,12 @@ class LinkEndpoint:
         self.peer_hello: Hello | None = None
         self._on_request = on_request
         self._on_push = on_push
-        self._capabilities = capabilities
-        self._connection = LinkConnection()
+        self._on_hello = on_hello
+        self._max_message_size = max_message_size
+        self._connection = LinkConnection(max_message_size)
         self._send_lock = trio.Lock()
         self._ids = itertools.count(1)
-        self._waiting: dict[int, trio.MemorySendChannel[Response]] = {}
+        self._waiting: dict[int, _Pending] = {}
         self._closed = False
         self._settled = trio.Event()  # hello exchanged, or the link ended before that
         # Seconds between pings; a peer that does not answer within twice that is gone. A
@@ -85,26 +108,15 @@ class LinkEndpoint:
                     Hello(
                         self.role,
                         software=f"pcscbridge {__version__}",
-                        capabilities=self._capabilities,
+                        max_message_size=self._max_message_size,
                     )
                 )
                 with trio.fail_after(HELLO_TIMEOUT):
                     hello = await self._receive_message()
-                if not isinstance(hello, Hello) or hello.protocol != LINK_PROTOCOL:
-                    raise LinkProtocolError(
-                        f"expected a link protocol {LINK_PROTOCOL} hello, got {hello!r}"
-                    )
-                if hello.role == self.role:
-                    raise LinkProtocolError(f"peer has the same role {hello.role!r}")
-                self.peer_hello = hello
-                log.info("link up with %s (%s)", self.peer_name, hello.software or hello.role)
-                self._settled.set()
+                self._accept_hello(hello)
                 if self._keepalive:
                     nursery.start_soon(self._ping_forever, self._keepalive)
-                while True:
-                    message = await self._receive_message()
-                    if message is None:
-                        break
+                while (message := await self._receive_message()) is not None:
                     if isinstance(message, Push) and self._on_push is not None:
                         # In the receive loop, not a task of its own: pushes are state, and a
                         # later one must never be applied before an earlier one.
@@ -129,21 +141,34 @@ class LinkEndpoint:
         finally:
             self._closed = True
             self._settled.set()
-            for channel in self._waiting.values():
-                channel.close()
+            for pending in self._waiting.values():
+                pending.done.set()  # no response: the caller raises LinkClosed
             self._waiting.clear()
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
             log.info("link with %s closed", self.peer_name)
+
+    def _accept_hello(self, hello: Message | None) -> None:
+        if not isinstance(hello, Hello) or hello.protocol != LINK_PROTOCOL:
+            raise LinkProtocolError(
+                f"expected a link protocol {LINK_PROTOCOL} hello, got {hello!r}"
+            )
+        if hello.role == self.role:
+            raise LinkProtocolError(f"peer has the same role {hello.role!r}")
+        if hello.max_message_size < 1024:
+            raise LinkProtocolError(f"peer accepts messages of {hello.max_message_size} bytes")
+        self.peer_hello = hello
+        log.info("link up with %s (%s)", self.peer_name, hello.software or hello.role)
+        if self._on_hello is not None:
+            self._on_hello(hello)
+        self._settled.set()
 
     async def _ping_forever(self, interval: float) -> None:
         while True:
             await trio.sleep(interval)
             with trio.move_on_after(2 * interval) as waited:
                 try:
-                    await self.call("ping", [])
-                except PCSCError:
-                    pass  # any answer is a sign of life, even from a host without "ping"
+                    await self.call(Ping())  # any answer is a sign of life, even an error
                 except LinkClosed:
                     return
             if waited.cancelled_caught:
@@ -157,7 +182,7 @@ class LinkEndpoint:
 
     async def _receive_message(self) -> Message | None:
         while (message := self._connection.next_message()) is None:
-            data = await self.stream.receive_some()
+            data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 return None
             self._connection.receive_data(data)
@@ -166,12 +191,12 @@ class LinkEndpoint:
     def _dispatch(self, message: Message, nursery: trio.Nursery) -> None:
         match message:
             case Response():
-                channel = self._waiting.pop(message.id, None)
-                if channel is None:
+                pending = self._waiting.pop(message.id, None)
+                if pending is None:
                     log.debug("response to an abandoned request %d", message.id)
                     return
-                channel.send_nowait(message)
-                channel.close()
+                pending.response = message
+                pending.done.set()
             case Request() if self._on_request is not None:
                 nursery.start_soon(self._serve_request, message)
             case _:
@@ -183,37 +208,41 @@ class LinkEndpoint:
         try:
             response = await self._on_request(request)
         except Exception:
-            log.exception("serving %s from %s failed", request.method, self.peer_name)
+            log.exception("serving %r from %s failed", request.call, self.peer_name)
             response = Response(request.id, ReturnCode.SCARD_F_INTERNAL_ERROR)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.send(response)
 
     async def send(self, message: Message) -> None:
         frame = encode(message)  # the whole message leaves in one send
+        limit = self.peer_hello.max_message_size if self.peer_hello else DEFAULT_MAX_MESSAGE
+        if len(frame) - 4 > limit:
+            if isinstance(message, Response):
+                log.warning("a response of %d bytes exceeds %s's limit", len(frame), self.peer_name)
+                frame = encode(Response(message.id, ReturnCode.SCARD_E_INSUFFICIENT_BUFFER))
+            else:
+                raise MessageTooLarge(f"a message of {len(frame)} bytes exceeds the peer's {limit}")
         async with self._send_lock:
             await self.stream.send_all(frame)
 
-    async def call(self, method: str, args: list[Any]) -> list[Any] | None:
-        """Send a request and wait for its response; PCSCError for a non-zero rv."""
+    async def call(self, call: Call) -> Response:
+        """Send a request and wait for its response (any return code); LinkClosed when the
+        link ends first, MessageTooLarge when the peer would refuse it."""
         if self._closed:
             raise LinkClosed("link is closed")
         request_id = next(self._ids)
-        send_channel, receive_channel = trio.open_memory_channel[Response](1)
-        self._waiting[request_id] = send_channel
+        pending = self._waiting[request_id] = _Pending()
         try:
             try:
-                await self.send(Request(request_id, method, args))
+                await self.send(Request(request_id, call))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise LinkClosed(str(exc)) from None
-            try:
-                response = await receive_channel.receive()
-            except trio.EndOfChannel:
-                raise LinkClosed("link closed before the response came") from None
+            await pending.done.wait()
         finally:
             self._waiting.pop(request_id, None)
-        if response.rv != ReturnCode.SCARD_S_SUCCESS:
-            raise PCSCError(response.rv)
-        return response.result
+        if pending.response is None:
+            raise LinkClosed("link closed before the response came")
+        return pending.response
 
     async def aclose(self) -> None:
         self._closed = True

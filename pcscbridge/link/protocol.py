@@ -2,7 +2,7 @@
 
 A frame is a 4-byte big-endian length, then one msgpack array:
     [0, hello]                      Hello: both sides, first, once
-    [1, id, method, args]           Request: guest -> host, a PC/SC call
+    [1, id, method, args]           Request: guest -> host, a PC/SC call (link/calls.py)
     [2, id, rv, result]             Response: host -> guest, rv 0 or a PC/SC error code
     [3, topic, data]                Push: host -> guest, unsolicited (reader states)
 """
@@ -10,10 +10,15 @@ A frame is a 4-byte big-endian length, then one msgpack array:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+
+from ..errors import PeerError
+from ..pcsclite.readers import ReaderEntry
+from .calls import Call, InvalidCall, decode_call
 
 LINK_PROTOCOL = 1
 DEFAULT_MAX_MESSAGE = 1 << 20  # 64 KiB APDUs and 16+ reader tables fit with room to spare
@@ -22,7 +27,7 @@ _LENGTH = struct.Struct(">I")
 HELLO, REQUEST, RESPONSE, PUSH = 0, 1, 2, 3
 
 
-class LinkProtocolError(Exception):
+class LinkProtocolError(PeerError):
     """The peer sent something that is not the link protocol; the link must be closed."""
 
 
@@ -31,15 +36,14 @@ class Hello:
     role: str  # "guest" or "host"
     protocol: int = LINK_PROTOCOL
     software: str = ""
-    capabilities: tuple[str, ...] = ()
+    # The largest payload this side accepts; the peer sends nothing larger.
     max_message_size: int = DEFAULT_MAX_MESSAGE
 
 
 @dataclass(frozen=True)
 class Request:
     id: int
-    method: str
-    args: list[Any] = field(default_factory=list)
+    call: Call | InvalidCall  # InvalidCall: a method or arguments the host cannot take
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,13 @@ def encode(message: Message) -> bytes:
                     "protocol": message.protocol,
                     "role": message.role,
                     "software": message.software,
-                    "capabilities": list(message.capabilities),
                     "max_message_size": message.max_message_size,
                 },
             ]
+        case Request(call=Call() as call):
+            body = [REQUEST, message.id, call.method, call.to_args()]
         case Request():
-            body = [REQUEST, message.id, message.method, message.args]
+            raise TypeError(f"cannot send {message.call!r}")
         case Response():
             body = [RESPONSE, message.id, message.rv, message.result]
         case Push():
@@ -126,11 +131,11 @@ def _decode_body(body: Any) -> Message:
             role=_typed(hello["role"], str),
             protocol=_typed(hello["protocol"], int),
             software=_typed(hello.get("software", ""), str),
-            capabilities=tuple(_typed(c, str) for c in hello.get("capabilities", [])),
             max_message_size=_typed(hello.get("max_message_size", DEFAULT_MAX_MESSAGE), int),
         )
     if kind == REQUEST and len(body) == 4:
-        return Request(_typed(body[1], int), _typed(body[2], str), _typed(body[3], list))
+        request_id, method, args = _typed(body[1], int), _typed(body[2], str), _typed(body[3], list)
+        return Request(request_id, decode_call(method, args))
     if kind == RESPONSE and len(body) == 4:
         result = body[3]
         if result is not None:
@@ -145,3 +150,36 @@ def _typed(value: Any, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+# --- the readers push -------------------------------------------------------------------------
+READERS_TOPIC = "readers"
+
+
+def readers_push(entries: Iterable[ReaderEntry]) -> Push:
+    """The full table of the readers the guest may see, as pcscd's table entries."""
+    return Push(
+        READERS_TOPIC,
+        [[e.name, e.event_counter, e.state, e.sharing, e.atr, e.protocol] for e in entries],
+    )
+
+
+def decode_readers(push: Push) -> list[ReaderEntry]:
+    """The entries of a readers push; LinkProtocolError when one is malformed."""
+    if not isinstance(push.data, list):
+        raise LinkProtocolError(f"readers push of {type(push.data).__name__}, expected a list")
+    entries = []
+    for item in push.data:
+        if not isinstance(item, list) or len(item) != 6:
+            raise LinkProtocolError(f"malformed reader row {str(item)[:80]!r}")
+        name, event_counter, state, sharing, atr, protocol = item
+        if not isinstance(name, str) or not isinstance(atr, bytes):
+            raise LinkProtocolError("a reader row's name must be str and its ATR bytes")
+        if not all(_is_int(v) for v in (event_counter, state, sharing, protocol)):
+            raise LinkProtocolError("a reader row's counter, state, sharing and protocol are ints")
+        entries.append(ReaderEntry(name, event_counter, state, sharing, atr, protocol))
+    return entries
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -22,7 +22,6 @@ class Dialect:
     # STOP is answered only while registered (pcscd ≥1.8.19 behaviour, used for all).
     has_reader_events: bool  # CMD_GET_READER_EVENTS (0x15), 4.5+
     has_variable_array: bool  # CMD_GET_READERS_STATE_SIZE/_ARRAY (0x16/0x17), 4.6
-    reader_name_size: int = 128
 
     @property
     def version(self) -> tuple[int, int]:

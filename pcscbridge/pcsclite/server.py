@@ -7,6 +7,10 @@
 
 Input that pcscd would refuse by closing the connection raises ProtocolViolation; the caller
 logs it and closes. Replies are built with messages.encode_reply.
+
+The connection also keeps the rules of the event signal (the 8-byte {0, rv} a registered
+client gets when a reader changes) that depend on what the client is doing: see wait_reply,
+signal and reply_sent.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..errors import PeerError
 from ..pcsc import MAX_BUFFER_SIZE, MAX_BUFFER_SIZE_EXTENDED
 from . import dialect as dialects
 from .dialect import Dialect
@@ -30,11 +35,12 @@ from .messages import (
     TransmitBody,
     VersionBody,
     WaitBody,
+    encode_reply,
     unpack_body,
 )
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(PeerError):
     """The client sent something pcscd would close the connection for."""
 
 
@@ -55,12 +61,22 @@ _WAIT_COMMANDS = (
 )
 
 
+# What a 4.6 client sends between WAIT and the end of its table read (0x17 ends it).
+_TABLE_READ = frozenset({Command.CMD_WAIT_READER_STATE_CHANGE, Command.CMD_GET_READERS_STATE_SIZE})
+
+
 class ServerConnection:
     def __init__(self) -> None:
         self.dialect: Dialect | None = None  # None until CMD_VERSION succeeds
         self.reader_name_size = 128
         self._buffer = bytearray()
         self._pending: tuple[Command, type, int, int] | None = None  # parsed header + sizes
+        # 4.6: a registration's table is read with 0x16 and 0x17 after WAIT. A signal due
+        # meanwhile is held back until that read is done (pcscd 2.5 may write it in between,
+        # where the client takes it for the size: spec §11.2 observation (a)).
+        self._reading_table = False
+        self._held_signal: int | None = None
+        self._reported_size: int | None = None  # the last 0x16 answer: 0x17 sends as many
 
     @property
     def effective_dialect(self) -> Dialect:
@@ -69,10 +85,6 @@ class ServerConnection:
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
     def negotiate(self, body: VersionBody) -> VersionBody:
         """Answer CMD_VERSION; the connection keeps the dialect when it is one we speak."""
         dialect, (major, minor, rv) = dialects.negotiate(body.major, body.minor)
@@ -80,6 +92,46 @@ class ServerConnection:
             self.dialect = dialect
         return VersionBody(major, minor, rv)
 
+    # --- event signals and table reads --------------------------------------------------------
+    def wait_reply(self, request: Request) -> bool:
+        """The client registered for events (WAIT): True when the reply is the fixed-size
+        table (4.4, 4.5), False when WAIT gets no reply (≤4.3 read the table before with 0x12;
+        4.6 reads it next with 0x16 and 0x17)."""
+        if isinstance(request.body, WaitBody):
+            return False
+        if self.effective_dialect.has_variable_array:
+            self._reading_table = True
+            return False
+        return True
+
+    def signal(self, rv: int) -> bytes | None:
+        """The event signal to write now, or None when it must wait for the end of a table
+        read (reply_sent then returns it). At most one is due: signalling unregisters."""
+        if self._reading_table:
+            self._held_signal = rv
+            return None
+        return encode_reply(WaitBody(0, rv))
+
+    def reply_sent(self, command: Command) -> bytes | None:
+        """Call after replying to `command`: a signal held during a table read that just
+        ended (0x17, or anything else the client sent instead), to write next."""
+        if not self._reading_table or command in _TABLE_READ:
+            return None
+        self._reading_table = False
+        held, self._held_signal = self._held_signal, None
+        return None if held is None else encode_reply(WaitBody(0, held))
+
+    def table_size(self, size: int) -> int:
+        """Answer 0x16 with the table's current size; the 0x17 that follows sends as many."""
+        self._reported_size = size
+        return size
+
+    def table_count(self, size: int) -> int:
+        """How many entries 0x17 sends: what the client was told by its 0x16 (it reads exactly
+        that many; should the table have grown, the signal that follows makes it read again)."""
+        return self._reported_size or size
+
+    # --- requests -------------------------------------------------------------------------------
     def next_request(self) -> Request | None:
         if self._pending is None:
             if len(self._buffer) < HEADER.size:

@@ -6,17 +6,20 @@ with the link carried by a local socket pair instead of SSH or TCP.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
 from ..guest.server import GuestServer
+from ..guest.session import SessionOptions
 from ..host.agent import HostAgent
 from ..host.backend import Backend
-from ..host.policy import Policy
+from ..host.checkpoint import CheckedService, Checkpoint
+from ..host.service import Service, open_host_service
 from ..transports.endpoints import unix_listener
 
 
@@ -25,23 +28,22 @@ class InProcessBridge:
     server: GuestServer
     socket_path: str
     nursery: trio.Nursery
-    backend: Backend | None
-    policy: Policy | None = None
+    service: Service | None
 
-    async def attach_host(self) -> trio.CancelScope:
+    async def attach_host(self, guest: str = "in-process guest") -> trio.CancelScope:
         """Attach a host agent over a fresh socket pair; cancel the scope to cut the link."""
-        assert self.backend is not None, "a host needs a backend"
+        assert self.service is not None, "a host needs a backend"
         guest_sock, host_sock = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         scope = trio.CancelScope()
-        agent = HostAgent(self.backend, self.policy, guest="in-process guest")
+        agent = HostAgent(self.service, guest=guest)
 
         async def run_agent() -> None:
             with scope:
                 await agent.serve(trio.SocketStream(host_sock))
 
-        self.nursery.start_soon(self.server.attach_host, trio.SocketStream(guest_sock))
+        self.nursery.start_soon(self.server.host.attach, trio.SocketStream(guest_sock))
         self.nursery.start_soon(run_agent)
-        await self.server.readers_pushed.wait()
+        await self.server.host.readers_pushed.wait()
         return scope
 
 
@@ -50,16 +52,25 @@ async def inprocess_bridge(
     backend: Backend | None,
     socket_path: str,
     *,
-    policy: Policy | None = None,
+    checkpoint: Checkpoint | None = None,
     attach: bool = True,
+    options: SessionOptions | None = None,
     handle_misuse_delay: float = 2.0,
 ) -> AsyncIterator[InProcessBridge]:
-    server = GuestServer(handle_misuse_delay=handle_misuse_delay)
+    """The bridge on `socket_path`, with a host over `backend` attached (unless `attach` is
+    False, or there is no backend); every call passes `checkpoint` when one is given."""
+    options = replace(options or SessionOptions(), handle_misuse_delay=handle_misuse_delay)
+    server = GuestServer(options)
     listener = await unix_listener(socket_path, 0o666)
-    async with trio.open_nursery() as nursery:
+    async with contextlib.AsyncExitStack() as stack:
+        service: Service | None = None
+        if backend is not None:
+            core = await stack.enter_async_context(open_host_service(backend))
+            service = core if checkpoint is None else CheckedService(core, checkpoint)
+        nursery = await stack.enter_async_context(trio.open_nursery())
         nursery.start_soon(server.serve_clients, listener)
-        bridge = InProcessBridge(server, socket_path, nursery, backend, policy)
-        if attach:
+        bridge = InProcessBridge(server, socket_path, nursery, service)
+        if attach and backend is not None:
             await bridge.attach_host()
         yield bridge
         nursery.cancel_scope.cancel()

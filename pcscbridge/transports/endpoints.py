@@ -12,10 +12,11 @@ from pathlib import Path
 
 import trio
 
+from ..errors import SetupError
 from .stdio import StdioStream
 
 
-class EndpointError(Exception):
+class EndpointError(SetupError):
     """An endpoint that cannot be used, with a message for the user."""
 
 

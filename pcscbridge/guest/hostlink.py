@@ -1,0 +1,127 @@
+"""The guest's side of the link: which host is attached, calls to it, and its reader pushes."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import trio
+
+from ..link.calls import BadResult, CardCall, Connect, ReleaseContext
+from ..link.endpoint import LinkClosed, LinkEndpoint, MessageTooLarge
+from ..link.protocol import READERS_TOPIC, Push, decode_readers
+from ..pcsc import PCSCError, ReturnCode
+from .mirror import ReaderMirror
+
+log = logging.getLogger("pcscbridge.guest")
+
+LINK_KEEPALIVE = 5.0  # seconds between pings to the host; silent for twice that: link dropped
+
+
+class HostLink:
+    """At most one host is attached at a time. Every change of link starts a new generation:
+    card handles opened on an older one are gone (the host released them)."""
+
+    def __init__(self, mirror: ReaderMirror, *, keepalive: float | None = LINK_KEEPALIVE) -> None:
+        self.mirror = mirror
+        self.keepalive = keepalive
+        self.generation = 0
+        self.readers_pushed = trio.Event()  # the attached host has sent its readers
+        self._endpoint: LinkEndpoint | None = None
+        self._contexts_on_link: set[int] = set()  # guest contexts the host knows
+        self._numbers = itertools.count(1)
+
+    @property
+    def endpoint(self) -> LinkEndpoint | None:
+        """The attached host's link, if one is."""
+        return self._endpoint
+
+    # --- calls ------------------------------------------------------------------------------
+    async def connect(self, call: Connect) -> int:
+        """SCardConnect on the host; the result is the active protocol."""
+        self._contexts_on_link.add(call.h_context)
+        result: int = await self._call(call)
+        return result
+
+    async def card_call(self, call: CardCall) -> Any:
+        """A call on a card handle; its typed result."""
+        return await self._call(call)
+
+    async def release_context(self, h_context: int) -> None:
+        """Tell the host to release what the context holds, if the host knows the context.
+        Failures only matter to the log: the context is gone here in any case."""
+        if h_context not in self._contexts_on_link:
+            return
+        self._contexts_on_link.discard(h_context)
+        try:
+            await self._call(ReleaseContext(h_context))
+        except PCSCError as exc:
+            log.debug("release_context(%d) on the host: %s", h_context, exc)
+
+    async def _call(self, call: Connect | CardCall | ReleaseContext) -> Any:
+        """No host, or a lost one: the reader is gone."""
+        endpoint = self._endpoint
+        if endpoint is None:
+            raise PCSCError(ReturnCode.SCARD_E_READER_UNAVAILABLE, "no host attached")
+        try:
+            response = await endpoint.call(call)
+        except LinkClosed:
+            raise PCSCError(ReturnCode.SCARD_E_READER_UNAVAILABLE, "host link lost") from None
+        except MessageTooLarge as exc:
+            raise PCSCError(ReturnCode.SCARD_E_INSUFFICIENT_BUFFER, str(exc)) from None
+        if response.rv != ReturnCode.SCARD_S_SUCCESS:
+            raise PCSCError(response.rv)
+        try:
+            return call.decode_result(response.result)
+        except BadResult as exc:
+            log.warning("host link: %s; closing it", exc)
+            await endpoint.aclose()
+            raise PCSCError(ReturnCode.SCARD_E_READER_UNAVAILABLE, "host link closed") from None
+
+    # --- attaching --------------------------------------------------------------------------
+    async def attach(self, stream: trio.abc.Stream) -> None:
+        """Serve one host link until it ends. A newer link replaces an older one."""
+        name = f"host link #{next(self._numbers)}"
+        async with trio.open_nursery() as nursery:
+
+            def adopt(_: object) -> None:
+                # At the hello, before the link's first push is applied: the mirror must show
+                # the new host's readers, never be cleared after them.
+                previous = self._endpoint
+                if previous is not None:
+                    log.warning("a new host attached (%s); dropping the previous link", name)
+                    self._lost(previous)
+                    nursery.start_soon(previous.aclose)
+                self._endpoint = endpoint
+                self.generation += 1
+
+            endpoint = LinkEndpoint(
+                stream,
+                "guest",
+                on_push=lambda push: self._on_push(endpoint, push),
+                on_hello=adopt,
+                peer_name=name,
+                keepalive=self.keepalive,
+            )
+            await endpoint.run()
+        self._lost(endpoint)
+
+    def _lost(self, endpoint: LinkEndpoint) -> None:
+        if self._endpoint is not endpoint:
+            return
+        self._endpoint = None
+        self.generation += 1  # every handle opened on the old link is now stale
+        self._contexts_on_link.clear()
+        self.readers_pushed = trio.Event()
+        self.mirror.clear()
+        log.warning("host link lost: readers removed until a host attaches again")
+
+    async def _on_push(self, endpoint: LinkEndpoint, push: Push) -> None:
+        if endpoint is not self._endpoint:
+            return  # a replaced link's last words
+        if push.topic != READERS_TOPIC:
+            log.debug("ignoring push %r", push.topic)
+            return
+        self.mirror.update(decode_readers(push))  # LinkProtocolError closes the link
+        self.readers_pushed.set()

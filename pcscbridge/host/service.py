@@ -1,0 +1,301 @@
+"""The host service: the one place on the host where every card operation of every guest runs.
+
+Front-ends (the link agent for `pcscbridge guest` servers, the QEMU CCID front-end) open a
+session per guest and make typed calls (link/calls.py) on it; none of them calls the backend.
+The service owns the backend, the guests' handle tables, the worker thread of each host
+context, and the one readers watcher. Policy and audit wrap it (host/checkpoint.py), so what
+they see is what runs.
+
+Names: a guest chooses its own context and card-handle numbers (the ones its own clients hold)
+and the service maps them to the host's PC/SC context and card handles, per session.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from ..link.calls import (
+    BeginTransaction,
+    Call,
+    Connect,
+    Control,
+    Disconnect,
+    EndTransaction,
+    GetAttrib,
+    Ping,
+    Reconnect,
+    ReleaseContext,
+    SetAttrib,
+    Status,
+    Transmit,
+)
+from ..pcsc import PCSCError, ReturnCode
+from .backend import Backend, Card, Context
+from .readers import ReaderBoard, ReaderSnapshot
+from .watcher import watch_readers
+from .worker import ContextWorker
+
+log = logging.getLogger("pcscbridge.host")
+
+WATCHER_THREADS = 64  # the watcher's waits: one per group of 16 readers, plus cancels
+RELEASE_GRACE = 2.0  # seconds a stopping service waits for queued releases
+
+
+class Session(Protocol):
+    """One guest's use of the host's PC/SC: what front-ends call and checkpoints wrap."""
+
+    guest: str
+
+    async def call(self, call: Call) -> Any:
+        """Execute one call; its typed result (None, an int, bytes); PCSCError on failure."""
+        ...
+
+    async def wait_readers(self, after: int) -> ReaderSnapshot:
+        """The readers this guest sees, once they differ from version `after`."""
+        ...
+
+    def context_ids(self) -> list[int]:
+        """The guest's contexts that hold host resources."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything the guest holds (as pcscd does for a client that dies)."""
+        ...
+
+
+class Service(Protocol):
+    def open_session(self, guest: str) -> Session: ...
+
+
+@dataclass(eq=False)
+class HostContext:
+    """The host PC/SC context behind one guest context, and the thread that runs its calls."""
+
+    worker: ContextWorker
+    context: Context | None = None  # established by the first call that needs it
+    cards: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class HostCard:
+    card: Card | None  # None while the connect is in progress
+    h_context: int
+    reader: str
+    in_transaction: bool = False
+
+
+class HostService:
+    """The core service; run `run()` in a nursery for the life of the program (the watcher)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.readers = ReaderBoard()
+        self._workers: set[ContextWorker] = set()
+        self._worker_names = itertools.count(1)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch the host's readers until cancelled."""
+        task_status.started()
+        await watch_readers(
+            self.backend, self.readers.publish, trio.CapacityLimiter(WATCHER_THREADS)
+        )
+
+    def open_session(self, guest: str) -> HostSession:
+        return HostSession(self, guest)
+
+    def new_worker(self) -> ContextWorker:
+        self._workers = {worker for worker in self._workers if worker.alive}
+        worker = ContextWorker(f"pcsc-context-{next(self._worker_names)}")
+        self._workers.add(worker)
+        return worker
+
+    async def aclose(self) -> None:
+        """Every worker ends after its queued calls (releases, mostly); wait a little for them.
+        Call it after the front-ends have closed their sessions."""
+        workers = [worker for worker in self._workers if worker.alive]
+        for worker in workers:
+            worker.close()
+        if workers:
+            await trio.to_thread.run_sync(_join_all, workers, RELEASE_GRACE)
+
+
+def _join_all(workers: list[ContextWorker], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        if not worker.join(max(deadline - time.monotonic(), 0)):
+            log.warning("a host PC/SC call is still blocked; not waiting for it")
+            return
+
+
+@asynccontextmanager
+async def open_host_service(backend: Backend) -> AsyncIterator[HostService]:
+    """A running HostService (its watcher in a nursery of its own) for the `async with` body;
+    run the front-ends inside the body, so their sessions end before the service does."""
+    service = HostService(backend)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            yield service
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await service.aclose()
+
+
+class HostSession:
+    """One guest's contexts and card handles on the host. Calls of one guest context run in
+    order on its worker thread; calls of different contexts run concurrently."""
+
+    def __init__(self, service: HostService, guest: str) -> None:
+        self.guest = guest
+        self._service = service
+        self._backend = service.backend
+        self._contexts: dict[int, HostContext] = {}
+        self._cards: dict[int, HostCard] = {}
+        self._closed = False
+
+    # --- Session ----------------------------------------------------------------------------
+    async def call(self, call: Call) -> Any:
+        if self._closed:
+            raise PCSCError(ReturnCode.SCARD_E_NO_SERVICE, "the session is closed")
+        match call:
+            case Connect():
+                return await self._connect(call)
+            case Transmit(h_card, protocol, command):
+                return await self._on_card(h_card, self._backend.transmit, protocol, command)
+            case BeginTransaction(h_card):
+                await self._on_card(h_card, self._backend.begin_transaction)
+                self._cards[h_card].in_transaction = True
+                return None
+            case EndTransaction(h_card, disposition):
+                card = self._card(h_card)
+                try:
+                    await self._on_card(h_card, self._backend.end_transaction, disposition)
+                finally:
+                    card.in_transaction = False  # also when it failed: removed, reset, ...
+                return None
+            case Status(h_card):
+                await self._on_card(h_card, self._backend.status)
+                return None
+            case Reconnect(h_card, share_mode, protocols, initialization):
+                return await self._on_card(
+                    h_card, self._backend.reconnect, share_mode, protocols, initialization
+                )
+            case Disconnect(h_card, disposition):
+                card = self._card(h_card)
+                try:
+                    await self._on_card(h_card, self._backend.disconnect, disposition)
+                finally:
+                    self._forget_card(h_card, card)
+                return None
+            case Control(h_card, control_code, data):
+                return await self._on_card(h_card, self._backend.control, control_code, data)
+            case GetAttrib(h_card, attr_id):
+                return await self._on_card(h_card, self._backend.get_attrib, attr_id)
+            case SetAttrib(h_card, attr_id, value):
+                await self._on_card(h_card, self._backend.set_attrib, attr_id, value)
+                return None
+            case ReleaseContext(h_context):
+                self._release(h_context)
+                return None
+            case Ping():
+                return None
+        raise PCSCError(ReturnCode.SCARD_E_UNSUPPORTED_FEATURE, f"{call.method} is not served")
+
+    async def wait_readers(self, after: int) -> ReaderSnapshot:
+        return await self._service.readers.wait(after)
+
+    def context_ids(self) -> list[int]:
+        return list(self._contexts)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        released = len(self._contexts)
+        for h_context in list(self._contexts):
+            self._release(h_context)
+        if released:
+            log.info("%s: released %d contexts", self.guest, released)
+
+    # --- calls ------------------------------------------------------------------------------
+    async def _connect(self, call: Connect) -> int:
+        if call.h_card in self._cards:
+            raise PCSCError(ReturnCode.SCARD_E_INVALID_PARAMETER, "card handle already in use")
+        if "\0" in call.reader:
+            # PC/SC names end at the first NUL: "name\0junk" is not "name".
+            raise PCSCError(ReturnCode.SCARD_E_UNKNOWN_READER, "NUL in the reader name")
+        context = self._contexts.get(call.h_context)
+        if context is None:
+            context = self._contexts[call.h_context] = HostContext(self._service.new_worker())
+        if any(
+            self._cards[h].reader == call.reader and self._cards[h].in_transaction
+            for h in context.cards
+        ):
+            # pcscd would hold this connect behind the context's own transaction forever, and
+            # keep the reader stuck even after the client is gone. Refuse instead.
+            raise PCSCError(ReturnCode.SCARD_E_SHARING_VIOLATION, "own transaction is active")
+        card = self._cards[call.h_card] = HostCard(None, call.h_context, call.reader)
+        context.cards.add(call.h_card)
+        try:
+            card.card, protocol = await context.worker.run(
+                self._connect_blocking,
+                context,
+                call.reader,
+                call.share_mode,
+                call.preferred_protocols,
+            )
+        except BaseException:
+            self._forget_card(call.h_card, card)
+            raise
+        return protocol
+
+    def _connect_blocking(
+        self, context: HostContext, reader: str, share_mode: int, protocols: int
+    ) -> tuple[Card, int]:
+        if context.context is None:
+            context.context = self._backend.establish_context()
+        return self._backend.connect(context.context, reader, share_mode, protocols)
+
+    async def _on_card(self, h_card: int, method: Any, *args: Any) -> Any:
+        card = self._card(h_card)
+        context = self._contexts[card.h_context]
+        return await context.worker.run(method, card.card, *args)
+
+    def _card(self, h_card: int) -> HostCard:
+        card = self._cards.get(h_card)
+        if card is None or card.card is None:
+            raise PCSCError(ReturnCode.SCARD_E_INVALID_HANDLE)
+        return card
+
+    def _forget_card(self, h_card: int, card: HostCard) -> None:
+        if self._cards.get(h_card) is card:
+            del self._cards[h_card]
+        context = self._contexts.get(card.h_context)
+        if context is not None:
+            context.cards.discard(h_card)
+
+    def _release(self, h_context: int) -> None:
+        """Releasing the PC/SC context makes the host's stack do what pcscd does for a client
+        that goes away: handles are left as they are, but a transaction still held ends with a
+        card reset. It runs on the context's thread after the calls already queued there (one
+        may be blocked behind another application), so nobody waits for it."""
+        context = self._contexts.pop(h_context, None)
+        if context is None:
+            return
+        for h_card in context.cards:
+            self._cards.pop(h_card, None)
+        context.cards.clear()
+        context.worker.submit(self._release_blocking, context)
+        context.worker.close()  # the thread ends after the release
+
+    def _release_blocking(self, context: HostContext) -> None:
+        if context.context is not None:
+            self._backend.release_context(context.context)
+            context.context = None
