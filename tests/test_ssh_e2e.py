@@ -31,12 +31,12 @@ from pcscbridge.pcsc import ReturnCode
 from rig.bridge_processes import PCSCBRIDGE, Bridge, BridgeProcess
 from rig.pcsc_programs import assert_full_results_match
 from rig.pcscd_rig import PcscdRig, run_pcsc_client
+from rig.processes import PROGRAMS, fingerprint, finish, read_line, spawn_program
 from rig.sshd import LoopbackSshd, free_port, generate_key
 
 pytestmark = pytest.mark.rig
 
 READER = "Virtual PCD 00 00"
-PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
 # sshd gives sessions a PATH without the venv: the guest side runs the venv's script by path.
 REMOTE_PCSCBRIDGE = str(Path(sys.executable).parent / "pcscbridge")
 # Every wait is bounded; these are the bounds the issue's "within a few seconds" stands for.
@@ -136,17 +136,6 @@ def start_bridge(
     for bridge in bridges:
         # Whatever happened, neither side may have crashed.
         assert "Traceback" not in bridge.logs(), bridge.logs()
-
-
-def fingerprint(public_key_file: Path) -> str:
-    """SHA256:... as OpenSSH prints it, from ssh-keygen (not from the code under test)."""
-    out = subprocess.run(
-        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key_file)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return out.split()[1]
 
 
 def wait_until(condition: Any, timeout: float, what: str) -> float:
@@ -373,38 +362,12 @@ def test_guest_server_not_running(sshd: LoopbackSshd, tmp_path: Path) -> None:
 # ------------------------------------------------------------------- losing the connection
 
 
-def spawn_program(args: list[str], socket_path: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*PROGRAMS, *args],
-        env={**os.environ, "PCSCLITE_CSOCK_NAME": socket_path},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, f"no output within {timeout}s"
-    line = process.stdout.readline()
-    assert line, f"program ended: {process.stderr.read() if process.stderr else ''}"
-    return line.strip()
-
-
 def ask(app: subprocess.Popen[str], timeout: float = 15) -> dict[str, Any]:
     """One round of the long-lived program: list readers, connect, transmit SELECT."""
     assert app.stdin is not None
     app.stdin.write("\n")
     app.stdin.flush()
     return json.loads(read_line(app, timeout))  # type: ignore[no-any-return]
-
-
-def finish(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.communicate(timeout=5)
 
 
 def test_killed_connection_readers_vanish_and_come_back(

@@ -24,6 +24,7 @@ from pcscbridge.transports.ssh import (
     open_ssh_link,
     parse_destination,
 )
+from rig.processes import fingerprint
 from rig.sshd import LoopbackSshd, free_port, generate_key
 
 pytestmark = pytest.mark.skipif(
@@ -62,17 +63,6 @@ def client_config(
         known_hosts=tmp_path / "known_hosts",
         extra=extra,
     )
-
-
-def fingerprint(public_key_file: Path) -> str:
-    """SHA256:... as OpenSSH prints it, from the tool itself (not from the code under test)."""
-    out = subprocess.run(
-        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key_file)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return out.split()[1]
 
 
 async def open_link(config: Path, command: str = "cat", **options: object) -> SSHLink:
