@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
@@ -27,42 +27,17 @@ from pcscbridge.transports.ssh import (
 from rig.processes import fingerprint
 from rig.sshd import LoopbackSshd, free_port, generate_key
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),
-    reason="needs OpenSSH's sshd",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists(),
+        reason="needs OpenSSH's sshd",
+    ),
+    # Keep the real user's ~/.ssh and ssh-agent out of every test.
+    pytest.mark.usefixtures("private_home"),
+]
 
 # Every wait in these tests is bounded by this (the tests themselves finish far sooner).
 TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[LoopbackSshd]:
-    """One sshd for the tests that do not disturb it (the kill/freeze tests start their own)."""
-    with LoopbackSshd() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep the real user's ~/.ssh and ssh-agent out of every test."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    return home
-
-
-def client_config(
-    sshd: LoopbackSshd, tmp_path: Path, *, trusted: bool = True, **extra: str
-) -> Path:
-    return sshd.write_client_config(
-        tmp_path / "ssh_config",
-        alias="vm",
-        trusted=trusted,
-        known_hosts=tmp_path / "known_hosts",
-        extra=extra,
-    )
 
 
 async def open_link(config: Path, command: str = "cat", **options: object) -> SSHLink:
@@ -112,8 +87,10 @@ async def echo(link: SSHLink, payload: bytes) -> bytes:
 # ----------------------------------------------------------------------------- data path
 
 
-async def test_round_trip_through_cat(sshd: LoopbackSshd, tmp_path: Path) -> None:
-    link = await open_link(client_config(sshd, tmp_path))
+async def test_round_trip_through_cat(
+    sshd: LoopbackSshd, client_config: Callable[..., Path]
+) -> None:
+    link = await open_link(client_config(sshd))
     try:
         for size in (1, 40, 4096, 32 * 1024, 65536 + 3, 256 * 1024):
             payload = os.urandom(size)
@@ -122,8 +99,10 @@ async def test_round_trip_through_cat(sshd: LoopbackSshd, tmp_path: Path) -> Non
         await link.aclose()
 
 
-async def test_concurrent_send_and_receive_keeps_order(sshd: LoopbackSshd, tmp_path: Path) -> None:
-    link = await open_link(client_config(sshd, tmp_path))
+async def test_concurrent_send_and_receive_keeps_order(
+    sshd: LoopbackSshd, client_config: Callable[..., Path]
+) -> None:
+    link = await open_link(client_config(sshd))
     messages = [os.urandom(n) for n in (7, 300, 33000, 1, 5000, 128 * 1024, 64) * 8]
     expected = b"".join(messages)
     received = bytearray()
@@ -151,9 +130,9 @@ async def test_concurrent_send_and_receive_keeps_order(sshd: LoopbackSshd, tmp_p
 
 
 async def test_small_round_trips_are_fast_and_socket_is_nodelay(
-    sshd: LoopbackSshd, tmp_path: Path
+    sshd: LoopbackSshd, client_config: Callable[..., Path]
 ) -> None:
-    link = await open_link(client_config(sshd, tmp_path))
+    link = await open_link(client_config(sshd))
     try:
         sock = link.transport.sock
         assert isinstance(sock, socket.socket)
@@ -171,12 +150,12 @@ async def test_small_round_trips_are_fast_and_socket_is_nodelay(
 
 
 async def test_first_bytes_are_awaited_and_kept(
-    sshd: LoopbackSshd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    sshd: LoopbackSshd, caplog: pytest.LogCaptureFixture, client_config: Callable[..., Path]
 ) -> None:
     caplog.set_level(logging.WARNING, logger="pcscbridge.ssh")
     command = "echo 'attach: a note on stderr' >&2; printf HELLO; exec cat"
     start = time.monotonic()
-    link = await open_link(client_config(sshd, tmp_path), command, first_data_timeout=TIMEOUT)
+    link = await open_link(client_config(sshd), command, first_data_timeout=TIMEOUT)
     try:
         # open_ssh_link returned on the hello, not at the end of first_data_timeout.
         assert time.monotonic() - start < TIMEOUT / 2
@@ -188,9 +167,9 @@ async def test_first_bytes_are_awaited_and_kept(
 
 
 async def test_receive_after_aclose_and_aclose_wakes_a_receiver(
-    sshd: LoopbackSshd, tmp_path: Path
+    sshd: LoopbackSshd, client_config: Callable[..., Path]
 ) -> None:
-    link = await open_link(client_config(sshd, tmp_path))
+    link = await open_link(client_config(sshd))
     outcome: list[BaseException] = []
 
     async def blocked_receiver() -> None:
@@ -211,12 +190,12 @@ async def test_receive_after_aclose_and_aclose_wakes_a_receiver(
 
 
 async def test_interleaved_stderr_neither_loses_nor_stalls_stdout(
-    sshd: LoopbackSshd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    sshd: LoopbackSshd, caplog: pytest.LogCaptureFixture, client_config: Callable[..., Path]
 ) -> None:
     # stdout and stderr share one wake-up pipe in paramiko; a lost wake-up would hang here.
     caplog.set_level(logging.WARNING, logger="pcscbridge.ssh")
     command = "i=0; while [ $i -lt 500 ]; do i=$((i+1)); echo err$i >&2; echo out$i; done"
-    link = await open_link(client_config(sshd, tmp_path), command)
+    link = await open_link(client_config(sshd), command)
     received = bytearray()
     try:
         with trio.fail_after(TIMEOUT):
@@ -236,11 +215,11 @@ async def wait_for_sessions(server: LoopbackSshd, present: bool) -> None:
 
 
 @pytest.mark.parametrize("stage", ["connecting", "awaiting first data"])
-async def test_cancelled_open_leaves_no_session_behind(tmp_path: Path, stage: str) -> None:
+async def test_cancelled_open_leaves_no_session_behind(
+    stage: str, client_config: Callable[..., Path]
+) -> None:
     with LoopbackSshd() as server:
-        target = SSHTarget(
-            "vm", remote_command="sleep 60", ssh_config=client_config(server, tmp_path)
-        )
+        target = SSHTarget("vm", remote_command="sleep 60", ssh_config=client_config(server))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(open_ssh_link, target)
             if stage == "connecting":
@@ -319,8 +298,10 @@ async def test_proxy_jump_to_a_closed_port(sshd: LoopbackSshd, tmp_path: Path) -
     assert f"jump host root@[127.0.0.1]:{sshd.port}" in str(error)
 
 
-async def test_proxy_command_to_a_closed_port(sshd: LoopbackSshd, tmp_path: Path) -> None:
-    config = client_config(sshd, tmp_path, ProxyCommand=f"socat - TCP:127.0.0.1:{free_port()}")
+async def test_proxy_command_to_a_closed_port(
+    sshd: LoopbackSshd, client_config: Callable[..., Path]
+) -> None:
+    config = client_config(sshd, ProxyCommand=f"socat - TCP:127.0.0.1:{free_port()}")
     start = time.monotonic()
     error = await open_error(config)
     assert (error.kind, error.exit_code) == ("connect", 4)
@@ -387,8 +368,10 @@ async def test_key_from_default_identity_file(
 # ----------------------------------------------------------------------------- host keys
 
 
-async def test_unknown_host_key_is_refused(sshd: LoopbackSshd, tmp_path: Path) -> None:
-    config = client_config(sshd, tmp_path, trusted=False)
+async def test_unknown_host_key_is_refused(
+    sshd: LoopbackSshd, tmp_path: Path, client_config: Callable[..., Path]
+) -> None:
+    config = client_config(sshd, trusted=False)
     error = await open_error(config)
     assert (error.kind, error.exit_code) == ("hostkey", 6)
     message = str(error)
@@ -404,9 +387,9 @@ async def test_unknown_host_key_is_refused(sshd: LoopbackSshd, tmp_path: Path) -
 
 @pytest.mark.parametrize("hashed", [False, True])
 async def test_accept_new_records_the_key_and_it_is_used_next_time(
-    sshd: LoopbackSshd, tmp_path: Path, hashed: bool
+    sshd: LoopbackSshd, tmp_path: Path, hashed: bool, client_config: Callable[..., Path]
 ) -> None:
-    config = client_config(sshd, tmp_path, trusted=False, HashKnownHosts="yes" if hashed else "no")
+    config = client_config(sshd, trusted=False, HashKnownHosts="yes" if hashed else "no")
     link = await open_link(config, accept_new=True)
     await link.aclose()
     line = (tmp_path / "known_hosts").read_text()
@@ -421,9 +404,9 @@ async def test_accept_new_records_the_key_and_it_is_used_next_time(
 
 @pytest.mark.parametrize("accept_new", [False, True])
 async def test_changed_host_key_is_refused(
-    sshd: LoopbackSshd, tmp_path: Path, accept_new: bool
+    sshd: LoopbackSshd, tmp_path: Path, accept_new: bool, client_config: Callable[..., Path]
 ) -> None:
-    config = client_config(sshd, tmp_path)
+    config = client_config(sshd)
     other = tmp_path / "other_host_key"
     old_key = generate_key(other, "impostor").split()
     known_hosts = tmp_path / "known_hosts"
@@ -440,10 +423,12 @@ async def test_changed_host_key_is_refused(
 # ------------------------------------------------------------------------- other failures
 
 
-async def test_wrong_key_is_an_authentication_failure(sshd: LoopbackSshd, tmp_path: Path) -> None:
+async def test_wrong_key_is_an_authentication_failure(
+    sshd: LoopbackSshd, tmp_path: Path, client_config: Callable[..., Path]
+) -> None:
     stranger = tmp_path / "stranger_key"
     generate_key(stranger, "not authorized")
-    config = client_config(sshd, tmp_path, IdentityFile=str(stranger))
+    config = client_config(sshd, IdentityFile=str(stranger))
     error = await open_error(config)
     assert (error.kind, error.exit_code) == ("auth", 5)
     assert str(stranger) in str(error)
@@ -457,17 +442,17 @@ async def test_closed_port_is_a_connection_failure(tmp_path: Path) -> None:
     assert "refused" in str(error).lower()
 
 
-async def test_unresolvable_name(tmp_path: Path) -> None:
+async def test_unresolvable_name() -> None:
     error = await open_error(Path("/dev/null"), "root@no-such-host.invalid:2222")
     assert (error.kind, error.exit_code) == ("resolve", 3)
     assert "no-such-host.invalid" in str(error)
 
 
 async def test_missing_remote_program(
-    sshd: LoopbackSshd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    sshd: LoopbackSshd, caplog: pytest.LogCaptureFixture, client_config: Callable[..., Path]
 ) -> None:
     caplog.set_level(logging.WARNING, logger="pcscbridge.ssh")
-    config = client_config(sshd, tmp_path)
+    config = client_config(sshd)
     error = await open_error(config, remote_command="pcscbridge-no-such-program attach")
     assert (error.kind, error.exit_code) == ("remote_missing", 7)
     assert "127" in str(error)
@@ -475,8 +460,10 @@ async def test_missing_remote_program(
     assert "pcscbridge-no-such-program" in caplog.text  # the remote stderr went to the log
 
 
-async def test_guest_server_not_running(sshd: LoopbackSshd, tmp_path: Path) -> None:
-    config = client_config(sshd, tmp_path)
+async def test_guest_server_not_running(
+    sshd: LoopbackSshd, client_config: Callable[..., Path]
+) -> None:
+    config = client_config(sshd)
     command = "echo 'pcscbridge attach: no guest server at unix:/x' >&2; exit 69"
     error = await open_error(config, remote_command=command)
     assert (error.kind, error.exit_code) == ("no_guest_server", 8)
@@ -484,8 +471,8 @@ async def test_guest_server_not_running(sshd: LoopbackSshd, tmp_path: Path) -> N
     assert error.retryable
 
 
-async def test_other_early_exit(sshd: LoopbackSshd, tmp_path: Path) -> None:
-    error = await open_error(client_config(sshd, tmp_path), remote_command="exit 3")
+async def test_other_early_exit(sshd: LoopbackSshd, client_config: Callable[..., Path]) -> None:
+    error = await open_error(client_config(sshd), remote_command="exit 3")
     assert (error.kind, error.exit_code) == ("remote_failed", 1)
     assert "status 3" in str(error)
 
@@ -493,9 +480,9 @@ async def test_other_early_exit(sshd: LoopbackSshd, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- dead peers
 
 
-async def test_killed_connection_ends_the_stream(tmp_path: Path) -> None:
+async def test_killed_connection_ends_the_stream(client_config: Callable[..., Path]) -> None:
     with LoopbackSshd() as server:
-        link = await open_link(client_config(server, tmp_path, ServerAliveInterval="1"))
+        link = await open_link(client_config(server, ServerAliveInterval="1"))
         try:
             assert await echo(link, b"alive") == b"alive"
             assert server.kill_connections() > 0
@@ -506,11 +493,13 @@ async def test_killed_connection_ends_the_stream(tmp_path: Path) -> None:
             await link.aclose()
 
 
-async def test_unresponsive_server_is_noticed_by_keepalives(tmp_path: Path) -> None:
+async def test_unresponsive_server_is_noticed_by_keepalives(
+    client_config: Callable[..., Path],
+) -> None:
     # Frozen, not killed: the TCP connection stays up and nothing is ever closed, so only the
     # keepalive watchdog can notice (ServerAliveInterval 1 x ServerAliveCountMax 2 -> 2-3 s).
     with LoopbackSshd() as server:
-        config = client_config(server, tmp_path, ServerAliveInterval="1", ServerAliveCountMax="2")
+        config = client_config(server, ServerAliveInterval="1", ServerAliveCountMax="2")
         link = await open_link(config)
         try:
             assert await echo(link, b"alive") == b"alive"
