@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import paramiko
@@ -40,13 +40,21 @@ pytestmark = [
 TIMEOUT = 10.0
 
 
-async def open_link(config: Path, command: str = "cat", **options: object) -> SSHLink:
+@contextlib.asynccontextmanager
+async def open_link(
+    config: Path, command: str = "cat", **options: object
+) -> AsyncIterator[SSHLink]:
+    """`async with open_link(config) as link`: the link to vm, closed however the block ends."""
     options.setdefault("first_data_timeout", 0)
     options.setdefault("connect_timeout", 5)
     with trio.fail_after(TIMEOUT):
-        return await open_ssh_link(
+        link = await open_ssh_link(
             SSHTarget("vm", remote_command=command, ssh_config=config, **options)  # type: ignore[arg-type]
         )
+    try:
+        yield link
+    finally:
+        await link.aclose()
 
 
 async def open_error(
@@ -90,50 +98,43 @@ async def echo(link: SSHLink, payload: bytes) -> bytes:
 async def test_round_trip_through_cat(
     sshd: LoopbackSshd, client_config: Callable[..., Path]
 ) -> None:
-    link = await open_link(client_config(sshd))
-    try:
+    async with open_link(client_config(sshd)) as link:
         for size in (1, 40, 4096, 32 * 1024, 65536 + 3, 256 * 1024):
             payload = os.urandom(size)
             assert await echo(link, payload) == payload, size
-    finally:
-        await link.aclose()
 
 
 async def test_concurrent_send_and_receive_keeps_order(
     sshd: LoopbackSshd, client_config: Callable[..., Path]
 ) -> None:
-    link = await open_link(client_config(sshd))
     messages = [os.urandom(n) for n in (7, 300, 33000, 1, 5000, 128 * 1024, 64) * 8]
     expected = b"".join(messages)
     received = bytearray()
 
-    async def sender() -> None:
+    async def sender(link: SSHLink) -> None:
         for message in messages:
             await link.send_all(message)
         await link.send_eof()
 
-    async def receiver() -> None:
+    async def receiver(link: SSHLink) -> None:
         while chunk := await link.receive_some(10_000):
             received.extend(chunk)
 
-    try:
+    async with open_link(client_config(sshd)) as link:
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(sender)
-                nursery.start_soon(receiver)
+                nursery.start_soon(sender, link)
+                nursery.start_soon(receiver, link)
             assert bytes(received) == expected
             # cat saw our EOF, closed its stdout and exited 0.
             assert await link.wait_exit_status() == 0
             assert link.remote_error() is None
-    finally:
-        await link.aclose()
 
 
 async def test_small_round_trips_are_fast_and_socket_is_nodelay(
     sshd: LoopbackSshd, client_config: Callable[..., Path]
 ) -> None:
-    link = await open_link(client_config(sshd))
-    try:
+    async with open_link(client_config(sshd)) as link:
         sock = link.transport.sock
         assert isinstance(sock, socket.socket)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -145,8 +146,6 @@ async def test_small_round_trips_are_fast_and_socket_is_nodelay(
         timings.sort()
         # A Nagle / delayed-ACK stall costs ~40 ms; loopback round trips take well under 2 ms.
         assert timings[len(timings) // 2] < 0.02, timings[len(timings) // 2]
-    finally:
-        await link.aclose()
 
 
 async def test_first_bytes_are_awaited_and_kept(
@@ -155,38 +154,35 @@ async def test_first_bytes_are_awaited_and_kept(
     caplog.set_level(logging.WARNING, logger="pcscbridge.ssh")
     command = "echo 'attach: a note on stderr' >&2; printf HELLO; exec cat"
     start = time.monotonic()
-    link = await open_link(client_config(sshd), command, first_data_timeout=TIMEOUT)
-    try:
+    async with open_link(client_config(sshd), command, first_data_timeout=TIMEOUT) as link:
         # open_ssh_link returned on the hello, not at the end of first_data_timeout.
         assert time.monotonic() - start < TIMEOUT / 2
         assert await receive_exactly(link, 5) == b"HELLO"
         assert await echo(link, b"ping") == b"ping"
         assert "attach: a note on stderr" in caplog.text
-    finally:
-        await link.aclose()
 
 
 async def test_receive_after_aclose_and_aclose_wakes_a_receiver(
     sshd: LoopbackSshd, client_config: Callable[..., Path]
 ) -> None:
-    link = await open_link(client_config(sshd))
     outcome: list[BaseException] = []
 
-    async def blocked_receiver() -> None:
+    async def blocked_receiver(link: SSHLink) -> None:
         try:
             await link.receive_some()
         except trio.ClosedResourceError as e:
             outcome.append(e)
 
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(blocked_receiver)
-            await trio.testing.wait_all_tasks_blocked()
-            await link.aclose()
-    assert len(outcome) == 1
-    with pytest.raises(trio.ClosedResourceError):
-        await link.send_all(b"x")
-    await link.aclose()  # idempotent
+    async with open_link(client_config(sshd)) as link:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blocked_receiver, link)
+                await trio.testing.wait_all_tasks_blocked()
+                await link.aclose()
+        assert len(outcome) == 1
+        with pytest.raises(trio.ClosedResourceError):
+            await link.send_all(b"x")
+        await link.aclose()  # idempotent
 
 
 async def test_interleaved_stderr_neither_loses_nor_stalls_stdout(
@@ -195,14 +191,11 @@ async def test_interleaved_stderr_neither_loses_nor_stalls_stdout(
     # stdout and stderr share one wake-up pipe in paramiko; a lost wake-up would hang here.
     caplog.set_level(logging.WARNING, logger="pcscbridge.ssh")
     command = "i=0; while [ $i -lt 500 ]; do i=$((i+1)); echo err$i >&2; echo out$i; done"
-    link = await open_link(client_config(sshd), command)
     received = bytearray()
-    try:
+    async with open_link(client_config(sshd), command) as link:
         with trio.fail_after(TIMEOUT):
             while chunk := await link.receive_some():
                 received += chunk
-    finally:
-        await link.aclose()
     assert received.decode().split() == [f"out{i}" for i in range(1, 501)]
     assert "err500" in caplog.text
 
@@ -234,18 +227,26 @@ async def test_cancelled_open_leaves_no_session_behind(
 # ------------------------------------------------------------------------------- routing
 
 
-async def test_proxy_jump_through_the_same_sshd(sshd: LoopbackSshd, tmp_path: Path) -> None:
+def write_config(sshd: LoopbackSshd, tmp_path: Path, text: str) -> Path:
+    """`text` as tmp_path/ssh_config, with tmp_path/known_hosts (for `text` to name) trusting
+    `sshd`: for configs that client_config cannot write (ProxyJump hops, no IdentityFile)."""
+    (tmp_path / "known_hosts").write_text(sshd.known_hosts_line())
     config = tmp_path / "ssh_config"
+    config.write_text(text)
+    return config
+
+
+async def test_proxy_jump_through_the_same_sshd(sshd: LoopbackSshd, tmp_path: Path) -> None:
     known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(sshd.known_hosts_line())
     common = (
         f"    HostName 127.0.0.1\n    Port {sshd.port}\n    User root\n"
         f"    IdentityFile {sshd.client_key_path}\n    IdentitiesOnly yes\n"
         f"    UserKnownHostsFile {known_hosts}\n    GlobalKnownHostsFile /dev/null\n"
     )
-    config.write_text(f"Host vm\n    ProxyJump jump\n{common}Host jump\n{common}")
-    link = await open_link(config)
-    try:
+    config = write_config(
+        sshd, tmp_path, f"Host vm\n    ProxyJump jump\n{common}Host jump\n{common}"
+    )
+    async with open_link(config) as link:
         name = f"root@[127.0.0.1]:{sshd.port}"
         assert link.route == (name, name)  # logged in to the jump host, then to the target
         # The target's transport runs over a direct-tcpip channel of the jump host's.
@@ -255,8 +256,6 @@ async def test_proxy_jump_through_the_same_sshd(sshd: LoopbackSshd, tmp_path: Pa
         assert first_hop.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         payload = os.urandom(100_000)
         assert await echo(link, payload) == payload
-    finally:
-        await link.aclose()
 
 
 async def test_proxy_command(sshd: LoopbackSshd, tmp_path: Path) -> None:
@@ -274,24 +273,21 @@ async def test_proxy_command(sshd: LoopbackSshd, tmp_path: Path) -> None:
             "ProxyCommand": "socat - TCP:127.0.0.1:%p",
         },
     )
-    link = await open_link(config)
-    try:
+    async with open_link(config) as link:
         assert isinstance(link.transport.sock, paramiko.ProxyCommand)
         payload = os.urandom(50_000)
         assert await echo(link, payload) == payload
-    finally:
-        await link.aclose()
 
 
 async def test_proxy_jump_to_a_closed_port(sshd: LoopbackSshd, tmp_path: Path) -> None:
     known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(sshd.known_hosts_line())
-    config = tmp_path / "ssh_config"
-    config.write_text(
+    config = write_config(
+        sshd,
+        tmp_path,
         f"Host vm\n    HostName 127.0.0.1\n    Port {free_port()}\n    ProxyJump jump\n"
         f"Host jump\n    HostName 127.0.0.1\n    Port {sshd.port}\n    User root\n"
         f"    IdentityFile {sshd.client_key_path}\n    IdentitiesOnly yes\n"
-        f"    UserKnownHostsFile {known_hosts}\n"
+        f"    UserKnownHostsFile {known_hosts}\n",
     )
     error = await open_error(config)
     assert (error.kind, error.exit_code) == ("connect", 4)
@@ -314,14 +310,12 @@ async def test_proxy_command_to_a_closed_port(
 
 def minimal_config(sshd: LoopbackSshd, tmp_path: Path) -> Path:
     """No IdentityFile: keys must come from the agent or the default ~/.ssh/id_* files."""
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(sshd.known_hosts_line())
-    config = tmp_path / "ssh_config"
-    config.write_text(
+    return write_config(
+        sshd,
+        tmp_path,
         f"Host vm\n    HostName 127.0.0.1\n    Port {sshd.port}\n    User root\n"
-        f"    UserKnownHostsFile {known_hosts}\n"
+        f"    UserKnownHostsFile {tmp_path / 'known_hosts'}\n",
     )
-    return config
 
 
 async def test_key_from_ssh_agent(
@@ -342,9 +336,8 @@ async def test_key_from_ssh_agent(
             ["ssh-add", str(sshd.client_key_path)], env=env, check=True, capture_output=True
         )
         monkeypatch.setenv("SSH_AUTH_SOCK", str(agent_socket))
-        link = await open_link(config)
-        assert await echo(link, b"agent") == b"agent"
-        await link.aclose()
+        async with open_link(config) as link:
+            assert await echo(link, b"agent") == b"agent"
         # IdentitiesOnly yes without an IdentityFile: the agent must not be used.
         config.write_text(config.read_text() + "    IdentitiesOnly yes\n")
         assert (await open_error(config)).kind == "auth"
@@ -360,9 +353,8 @@ async def test_key_from_default_identity_file(
     ssh_dir = private_home / ".ssh"
     ssh_dir.mkdir(mode=0o700)
     shutil.copy(sshd.client_key_path, ssh_dir / "id_ed25519")
-    link = await open_link(config)
-    assert await echo(link, b"default key") == b"default key"
-    await link.aclose()
+    async with open_link(config) as link:
+        assert await echo(link, b"default key") == b"default key"
 
 
 # ----------------------------------------------------------------------------- host keys
@@ -390,15 +382,14 @@ async def test_accept_new_records_the_key_and_it_is_used_next_time(
     sshd: LoopbackSshd, tmp_path: Path, hashed: bool, client_config: Callable[..., Path]
 ) -> None:
     config = client_config(sshd, trusted=False, HashKnownHosts="yes" if hashed else "no")
-    link = await open_link(config, accept_new=True)
-    await link.aclose()
+    async with open_link(config, accept_new=True):
+        pass
     line = (tmp_path / "known_hosts").read_text()
     assert sshd.host_public_key in line
     assert line.startswith("|1|") if hashed else line.startswith(f"[127.0.0.1]:{sshd.port} ")
     # Now known: a plain connect (no accept_new) works and the file is left as it was.
-    link = await open_link(config)
-    assert await echo(link, b"ok") == b"ok"
-    await link.aclose()
+    async with open_link(config) as link:
+        assert await echo(link, b"ok") == b"ok"
     assert (tmp_path / "known_hosts").read_text() == line
 
 
@@ -482,15 +473,12 @@ async def test_other_early_exit(sshd: LoopbackSshd, client_config: Callable[...,
 
 async def test_killed_connection_ends_the_stream(client_config: Callable[..., Path]) -> None:
     with LoopbackSshd() as server:
-        link = await open_link(client_config(server, ServerAliveInterval="1"))
-        try:
+        async with open_link(client_config(server, ServerAliveInterval="1")) as link:
             assert await echo(link, b"alive") == b"alive"
             assert server.kill_connections() > 0
             # EOF or BrokenResourceError: both are "the stream ended"; a hang is the failure.
             with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
                 assert await link.receive_some() == b""
-        finally:
-            await link.aclose()
 
 
 async def test_unresponsive_server_is_noticed_by_keepalives(
@@ -500,19 +488,18 @@ async def test_unresponsive_server_is_noticed_by_keepalives(
     # keepalive watchdog can notice (ServerAliveInterval 1 x ServerAliveCountMax 2 -> 2-3 s).
     with LoopbackSshd() as server:
         config = client_config(server, ServerAliveInterval="1", ServerAliveCountMax="2")
-        link = await open_link(config)
-        try:
-            assert await echo(link, b"alive") == b"alive"
-            assert server.freeze_connections() > 0
-            start = time.monotonic()
-            with pytest.raises(trio.BrokenResourceError, match="keepalive"), trio.fail_after(6):
-                await link.receive_some()
-            assert time.monotonic() - start >= 1.5
-            with pytest.raises(trio.BrokenResourceError):
-                await link.send_all(b"more")
-        finally:
-            server.thaw_connections()
-            await link.aclose()
+        async with open_link(config) as link:
+            try:
+                assert await echo(link, b"alive") == b"alive"
+                assert server.freeze_connections() > 0
+                start = time.monotonic()
+                with pytest.raises(trio.BrokenResourceError, match="keepalive"), trio.fail_after(6):
+                    await link.receive_some()
+                assert time.monotonic() - start >= 1.5
+                with pytest.raises(trio.BrokenResourceError):
+                    await link.send_all(b"more")
+            finally:
+                server.thaw_connections()
 
 
 # ---------------------------------------------------------------------------- parsing
