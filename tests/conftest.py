@@ -1,4 +1,4 @@
-"""Shared fixtures: the real pcscd + vpcd rig and the simulated test card.
+"""Shared fixtures: the real pcscd + vpcd rig, the simulated test card, a loopback sshd.
 
 Rig fixtures need root, ``unshare`` and the Debian packages (pcscd, vsmartcard-vpcd). Where
 they are missing the fixtures *fail* with the reason: a suite that silently skipped its
@@ -12,11 +12,13 @@ test gets a rig (socket) of its own, so tests talk PC/SC through child processes
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from pcscbridge.host.backends.simcard import SimulatedCard
 from rig.pcscd_rig import PcscdRig, RigError, check_rig_prerequisites
+from rig.sshd import LoopbackSshd
 
 
 @pytest.hookimpl(wrapper=True)
@@ -74,3 +76,44 @@ def sim_card() -> SimulatedCard:
     card = SimulatedCard(label="unit")
     card.power_on()
     return card
+
+
+# ------------------------------------------------------------------ SSH (rig.sshd, loopback)
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[LoopbackSshd]:
+    """One sshd per module, for the tests that leave it as it is (kill/freeze tests start their
+    own)."""
+    with LoopbackSshd() as server:
+        yield server
+
+
+@pytest.fixture
+def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the real user's ~/.ssh and ssh-agent out of the test, and out of the processes it
+    starts (they inherit this). SSH test modules use it on every test (pytestmark)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    return home
+
+
+@pytest.fixture
+def client_config(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``client_config(server, *, trusted=True, **extra)`` -> an ssh config file
+    (tmp_path/ssh_config) with ``Host vm`` pointing at `server`; its known_hosts file is
+    tmp_path/known_hosts, holding the server's key if `trusted`, else empty. `extra`: more
+    ssh_config options (``ServerAliveInterval="1"``)."""
+
+    def write(server: LoopbackSshd, *, trusted: bool = True, **extra: str) -> Path:
+        return server.write_client_config(
+            tmp_path / "ssh_config",
+            alias="vm",
+            trusted=trusted,
+            known_hosts=tmp_path / "known_hosts",
+            extra=extra,
+        )
+
+    return write

@@ -4,9 +4,6 @@ real pcscd with vpcd readers and real clients (pcsc_scan, opensc-tool, scriptor,
 from __future__ import annotations
 
 import json
-import select
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,11 +13,11 @@ from pcscbridge.pcsc import ReturnCode
 from rig.bridge_processes import Bridge
 from rig.pcsc_programs import assert_full_results_match, json_lines
 from rig.pcscd_rig import PcscdRig, run_pcsc_client
+from rig.processes import PROGRAMS, expect_line, finish, no_line_within, spawn_program
 
 pytestmark = pytest.mark.rig
 
 READER = "Virtual PCD 00 00"
-PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
 
 
 @pytest.fixture
@@ -85,65 +82,29 @@ def test_card_removal_and_insertion_are_seen(pcscd_rig: PcscdRig, bridge: Bridge
     assert atr.hex().startswith("3b858131")
 
 
-def _spawn(args: list[str], socket_path: str) -> subprocess.Popen[str]:
-    import os
-
-    return subprocess.Popen(
-        [*PROGRAMS, *args],
-        env={**os.environ, "PCSCLITE_CSOCK_NAME": socket_path},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _expect_line(process: subprocess.Popen[str], wanted: str, timeout: float = 10) -> None:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, f"no {wanted!r} within {timeout}s"
-    line = process.stdout.readline().strip()
-    assert line == wanted, (
-        f"expected {wanted!r}, got {line!r}: {process.stderr.read() if process.stderr else ''}"
-    )
-
-
-def _no_line_within(process: subprocess.Popen[str], seconds: float) -> bool:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], seconds)
-    return not ready
-
-
-def _finish(*processes: subprocess.Popen[str]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.wait(5)
-
-
 def test_host_transaction_makes_the_guest_wait(pcscd_rig: PcscdRig, bridge: Bridge) -> None:
-    host_app = _spawn(["hold-transaction", READER], pcscd_rig.socket_path)
-    _expect_line(host_app, "LOCKED")
-    guest_app = _spawn(["begin-transaction", READER], bridge.socket_path)
+    host_app = spawn_program(["hold-transaction", READER], pcscd_rig.socket_path)
+    expect_line(host_app, "LOCKED")
+    guest_app = spawn_program(["begin-transaction", READER], bridge.socket_path)
     try:
         # pcscd holds a SCardConnect (and so a BeginTransaction) while another application's
         # transaction is active: the guest app must stay blocked until the host app ends it.
-        assert _no_line_within(guest_app, 1.5)
+        assert no_line_within(guest_app, 1.5)
         assert host_app.stdin is not None
         host_app.stdin.write("\n")
         host_app.stdin.flush()
-        _expect_line(host_app, "UNLOCKED")
-        _expect_line(guest_app, "CONNECTED")
-        _expect_line(guest_app, "BEGUN")
+        expect_line(host_app, "UNLOCKED")
+        expect_line(guest_app, "CONNECTED")
+        expect_line(guest_app, "BEGUN")
     finally:
-        _finish(host_app, guest_app)
+        finish(host_app, guest_app)
 
 
 def test_host_and_guest_transmit_interleaved(pcscd_rig: PcscdRig, bridge: Bridge) -> None:
     apps = [
-        _spawn(["echo-loop", READER, "host", "300"], pcscd_rig.socket_path),
-        _spawn(["echo-loop", READER, "guest1", "300"], bridge.socket_path),
-        _spawn(["echo-loop", READER, "guest2", "300"], bridge.socket_path),
+        spawn_program(["echo-loop", READER, "host", "300"], pcscd_rig.socket_path),
+        spawn_program(["echo-loop", READER, "guest1", "300"], bridge.socket_path),
+        spawn_program(["echo-loop", READER, "guest2", "300"], bridge.socket_path),
     ]
     try:
         results = []
@@ -154,18 +115,18 @@ def test_host_and_guest_transmit_interleaved(pcscd_rig: PcscdRig, bridge: Bridge
         assert sorted(r["tag"] for r in results) == ["guest1", "guest2", "host"]
         assert all(r["wrong"] == 0 and r["count"] == 300 for r in results)
     finally:
-        _finish(*apps)
+        finish(*apps)
 
 
 def test_guest_app_dying_in_a_transaction_resets_the_card(
     pcscd_rig: PcscdRig, bridge: Bridge
 ) -> None:
-    host_app = _spawn(["card-after-reset", READER], pcscd_rig.socket_path)
-    _expect_line(host_app, "CONNECTED")
-    guest_app = _spawn(["begin-transaction", READER], bridge.socket_path)
+    host_app = spawn_program(["card-after-reset", READER], pcscd_rig.socket_path)
+    expect_line(host_app, "CONNECTED")
+    guest_app = spawn_program(["begin-transaction", READER], bridge.socket_path)
     try:
-        _expect_line(guest_app, "CONNECTED")
-        _expect_line(guest_app, "BEGUN")
+        expect_line(guest_app, "CONNECTED")
+        expect_line(guest_app, "BEGUN")
         guest_app.kill()  # dies holding the transaction
         guest_app.wait(5)
         assert host_app.stdin is not None
@@ -178,15 +139,15 @@ def test_guest_app_dying_in_a_transaction_resets_the_card(
         assert result["status_rv"] == ReturnCode.SCARD_W_RESET_CARD, err
         assert result["begin_rv"] in (0, ReturnCode.SCARD_W_RESET_CARD)
     finally:
-        _finish(host_app, guest_app)
+        finish(host_app, guest_app)
 
 
 def test_link_loss_removes_readers_and_reconnect_brings_them_back(
     pcscd_rig: PcscdRig, bridge: Bridge
 ) -> None:
-    app = _spawn(["long-lived", READER], bridge.socket_path)
+    app = spawn_program(["long-lived", READER], bridge.socket_path)
     try:
-        _expect_line(app, "READY")
+        expect_line(app, "READY")
         assert bridge.host is not None
         bridge.host.kill()  # the host side vanishes mid-session
         bridge.wait_for_readers([], timeout=10)
@@ -205,4 +166,4 @@ def test_link_loss_removes_readers_and_reconnect_brings_them_back(
         assert result["connect_rv"] == 0 and result["transmit_rv"] == 0
         assert result["response"] == "9000"
     finally:
-        _finish(app)
+        finish(app)

@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,13 @@ from pcscbridge.pcsc import ReturnCode
 from rig.bridge_processes import PCSCBRIDGE, Bridge, BridgeProcess
 from rig.pcsc_programs import assert_full_results_match
 from rig.pcscd_rig import PcscdRig, run_pcsc_client
+from rig.processes import PROGRAMS, fingerprint, finish, read_line, spawn_program
 from rig.sshd import LoopbackSshd, free_port, generate_key
 
-pytestmark = pytest.mark.rig
+# The real ~/.ssh and ssh-agent stay away from the host processes too (they inherit HOME).
+pytestmark = [pytest.mark.rig, pytest.mark.usefixtures("private_home")]
 
 READER = "Virtual PCD 00 00"
-PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
 # sshd gives sessions a PATH without the venv: the guest side runs the venv's script by path.
 REMOTE_PCSCBRIDGE = str(Path(sys.executable).parent / "pcscbridge")
 # Every wait is bounded; these are the bounds the issue's "within a few seconds" stands for.
@@ -48,35 +49,6 @@ FROZEN_NOTICED_WITHIN = 10.0
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[LoopbackSshd]:
-    """One sshd for the tests that leave it as it is (kill/freeze tests start their own)."""
-    with LoopbackSshd() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep the real ~/.ssh and ssh-agent away from the host processes (they inherit this)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    return home
-
-
-def client_config(
-    sshd: LoopbackSshd, tmp_path: Path, *, trusted: bool = True, **extra: str
-) -> Path:
-    return sshd.write_client_config(
-        tmp_path / "ssh_config",
-        alias="vm",
-        trusted=trusted,
-        known_hosts=tmp_path / "known_hosts",
-        extra=extra,
-    )
 
 
 def host_ssh_args(config: Path | None, link: str, destination: str = "vm") -> list[str]:
@@ -138,17 +110,6 @@ def start_bridge(
         assert "Traceback" not in bridge.logs(), bridge.logs()
 
 
-def fingerprint(public_key_file: Path) -> str:
-    """SHA256:... as OpenSSH prints it, from ssh-keygen (not from the code under test)."""
-    out = subprocess.run(
-        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key_file)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return out.split()[1]
-
-
 def wait_until(condition: Any, timeout: float, what: str) -> float:
     """Poll `condition` until true; returns the seconds it took."""
     start = time.monotonic()
@@ -175,9 +136,9 @@ def readers_are(bridge: Bridge, expected: list[str]) -> Any:
 
 
 def test_pcsc_scan_and_opensc_tool_see_the_hosts_readers(
-    pcscd_rig: PcscdRig, sshd: LoopbackSshd, tmp_path: Path, start_bridge: Any
+    pcscd_rig: PcscdRig, sshd: LoopbackSshd, start_bridge: Any, client_config: Callable[..., Path]
 ) -> None:
-    bridge = start_bridge(client_config(sshd, tmp_path))
+    bridge = start_bridge(client_config(sshd))
     for args in (["pcsc_scan", "-r"], ["opensc-tool", "-r", "0", "-a"]):
         direct = run_pcsc_client(args, pcscd_rig.socket_path, timeout=30)
         bridged = run_pcsc_client(args, bridge.socket_path, timeout=30)
@@ -191,9 +152,9 @@ def test_pcsc_scan_and_opensc_tool_see_the_hosts_readers(
 
 
 def test_pyscard_every_call_gives_pcscds_results(
-    pcscd_rig: PcscdRig, sshd: LoopbackSshd, tmp_path: Path, start_bridge: Any
+    pcscd_rig: PcscdRig, sshd: LoopbackSshd, start_bridge: Any, client_config: Callable[..., Path]
 ) -> None:
-    bridge = start_bridge(client_config(sshd, tmp_path))
+    bridge = start_bridge(client_config(sshd))
     program = [*PROGRAMS, "full", READER]
     direct = run_pcsc_client(program, pcscd_rig.socket_path, timeout=30)
     bridged = run_pcsc_client(program, bridge.socket_path, timeout=30)
@@ -231,14 +192,14 @@ def median_transmit(socket_path: str, size: int, count: int) -> float:
 
 
 def test_no_nagle_stalls_on_the_path(
-    pcscd_rig: PcscdRig, sshd: LoopbackSshd, tmp_path: Path, start_bridge: Any
+    pcscd_rig: PcscdRig, sshd: LoopbackSshd, start_bridge: Any, client_config: Callable[..., Path]
 ) -> None:
     # A response larger than one SSH packet (32 KiB) leaves in two writes; with Nagle on a
     # socket of the path, the second waits for the ACK of the first, which the peer delays.
     # Measured: the median 60000-byte echo takes ~8-18 ms, and 50-70 ms without TCP_NODELAY on
     # the host's socket. Small calls would stall the same way if a side wrote one message in
     # more than one send.
-    bridge = start_bridge(client_config(sshd, tmp_path))
+    bridge = start_bridge(client_config(sshd))
     timings = {size: median_transmit(bridge.socket_path, size, 30) for size in (16, 60000)}
     print(
         "median transmit through SSH: "
@@ -278,8 +239,9 @@ def test_unknown_host_key_is_refused_then_accept_new_records_it(
     tmp_path: Path,
     start_bridge: Any,
     private_home: Path,
+    client_config: Callable[..., Path],
 ) -> None:
-    config = client_config(sshd, tmp_path, trusted=False)
+    config = client_config(sshd, trusted=False)
     known_hosts = tmp_path / "known_hosts"
     status, message = run_host(host_ssh_args(config, f"unix:{tmp_path}/link.sock"), tmp_path)
     assert status == 6, message
@@ -298,8 +260,10 @@ def test_unknown_host_key_is_refused_then_accept_new_records_it(
     assert known_hosts.read_text() == sshd.known_hosts_line()
 
 
-def test_changed_host_key_is_refused(sshd: LoopbackSshd, tmp_path: Path) -> None:
-    config = client_config(sshd, tmp_path)
+def test_changed_host_key_is_refused(
+    sshd: LoopbackSshd, tmp_path: Path, client_config: Callable[..., Path]
+) -> None:
+    config = client_config(sshd)
     impostor = tmp_path / "impostor_key"
     algorithm, key, *_ = generate_key(impostor, "impostor").split()
     known_hosts = tmp_path / "known_hosts"
@@ -315,10 +279,12 @@ def test_changed_host_key_is_refused(sshd: LoopbackSshd, tmp_path: Path) -> None
         assert known_hosts.read_text() == f"[127.0.0.1]:{sshd.port} {algorithm} {key}\n"
 
 
-def test_wrong_client_key_is_an_authentication_failure(sshd: LoopbackSshd, tmp_path: Path) -> None:
+def test_wrong_client_key_is_an_authentication_failure(
+    sshd: LoopbackSshd, tmp_path: Path, client_config: Callable[..., Path]
+) -> None:
     stranger = tmp_path / "stranger_key"
     generate_key(stranger, "not authorized")
-    config = client_config(sshd, tmp_path, IdentityFile=str(stranger))
+    config = client_config(sshd, IdentityFile=str(stranger))
     status, message = run_host(host_ssh_args(config, f"unix:{tmp_path}/link.sock"), tmp_path)
     assert status == 5, message
     assert "authentication" in message and str(stranger) in message
@@ -355,42 +321,26 @@ def test_unresolvable_name(tmp_path: Path) -> None:
     assert "no-such-guest.invalid" in message
 
 
-def test_pcscbridge_missing_in_the_guest(sshd: LoopbackSshd, tmp_path: Path) -> None:
-    args = host_ssh_args(client_config(sshd, tmp_path), f"unix:{tmp_path}/link.sock")
+def test_pcscbridge_missing_in_the_guest(
+    sshd: LoopbackSshd, tmp_path: Path, client_config: Callable[..., Path]
+) -> None:
+    args = host_ssh_args(client_config(sshd), f"unix:{tmp_path}/link.sock")
     args[args.index("--remote-pcscbridge") + 1] = "/nonexistent/pcscbridge"
     status, message = run_host(args, tmp_path)
     assert status == 7, message
     assert "/nonexistent/pcscbridge" in message and "installed" in message
 
 
-def test_guest_server_not_running(sshd: LoopbackSshd, tmp_path: Path) -> None:
+def test_guest_server_not_running(
+    sshd: LoopbackSshd, tmp_path: Path, client_config: Callable[..., Path]
+) -> None:
     link = f"unix:{tmp_path}/link.sock"
-    status, message = run_host(host_ssh_args(client_config(sshd, tmp_path), link), tmp_path)
+    status, message = run_host(host_ssh_args(client_config(sshd), link), tmp_path)
     assert status == 8, message
     assert "guest server is not running" in message and link in message
 
 
 # ------------------------------------------------------------------- losing the connection
-
-
-def spawn_program(args: list[str], socket_path: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*PROGRAMS, *args],
-        env={**os.environ, "PCSCLITE_CSOCK_NAME": socket_path},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, f"no output within {timeout}s"
-    line = process.stdout.readline()
-    assert line, f"program ended: {process.stderr.read() if process.stderr else ''}"
-    return line.strip()
 
 
 def ask(app: subprocess.Popen[str], timeout: float = 15) -> dict[str, Any]:
@@ -401,19 +351,13 @@ def ask(app: subprocess.Popen[str], timeout: float = 15) -> dict[str, Any]:
     return json.loads(read_line(app, timeout))  # type: ignore[no-any-return]
 
 
-def finish(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.communicate(timeout=5)
-
-
 def test_killed_connection_readers_vanish_and_come_back(
-    pcscd_rig: PcscdRig, tmp_path: Path, start_bridge: Any
+    pcscd_rig: PcscdRig, start_bridge: Any, client_config: Callable[..., Path]
 ) -> None:
     # No ServerAliveInterval in the config (the default is 15 s): a connection that is cut
     # must be noticed from the stream itself, not from keepalives.
     with LoopbackSshd() as own_sshd:
-        bridge = start_bridge(client_config(own_sshd, tmp_path))
+        bridge = start_bridge(client_config(own_sshd))
         app = spawn_program(["long-lived", READER], bridge.socket_path)
         try:
             assert read_line(app, 10) == "READY"
@@ -440,13 +384,13 @@ def test_killed_connection_readers_vanish_and_come_back(
 
 
 def test_frozen_server_is_dropped_by_keepalives(
-    pcscd_rig: PcscdRig, tmp_path: Path, start_bridge: Any
+    pcscd_rig: PcscdRig, start_bridge: Any, client_config: Callable[..., Path]
 ) -> None:
     # Frozen, not killed: TCP stays up and nothing is ever closed; only the host's keepalives
     # (1 s x 2) can tell. The host then drops the connection and attaches again, and the guest
     # drops the frozen link: calls stuck on it fail instead of hanging, the readers come back.
     with LoopbackSshd() as own_sshd:
-        config = client_config(own_sshd, tmp_path, ServerAliveInterval="1", ServerAliveCountMax="2")
+        config = client_config(own_sshd, ServerAliveInterval="1", ServerAliveCountMax="2")
         bridge = start_bridge(config)
         app = spawn_program(["long-lived", READER], bridge.socket_path)
         try:
@@ -486,7 +430,7 @@ def stays_true(condition: Any, seconds: float) -> bool:
 
 
 def test_host_gone_silent_is_dropped_by_the_guests_sshd(
-    pcscd_rig: PcscdRig, tmp_path: Path, start_bridge: Any
+    pcscd_rig: PcscdRig, start_bridge: Any, client_config: Callable[..., Path]
 ) -> None:
     # The other direction: the host (or the network to it) goes silent without closing
     # anything. Only the guest's side can tell, and the guest server cannot see past
@@ -496,7 +440,7 @@ def test_host_gone_silent_is_dropped_by_the_guests_sshd(
     with LoopbackSshd(
         extra_config={"ClientAliveInterval": "1", "ClientAliveCountMax": "2"}
     ) as own_sshd:
-        bridge = start_bridge(client_config(own_sshd, tmp_path))
+        bridge = start_bridge(client_config(own_sshd))
         assert stays_true(readers_are(bridge, pcscd_rig.reader_names), 3.5)
         assert bridge.host is not None
         host_pid = bridge.host.process.pid

@@ -1,0 +1,72 @@
+"""Child processes of the tests: a `rig.pcsc_programs` program started against a PC/SC socket,
+its output read a line at a time with a deadline, its end; and what OpenSSH's tools say.
+
+Plain functions (no pytest here): the end-to-end tests over a UNIX link and over SSH share them.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+# The pyscard test programs, run by name: `[*PROGRAMS, "full", reader]`.
+PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
+
+
+def spawn_program(args: list[str], socket_path: str) -> subprocess.Popen[str]:
+    """Start `python -m rig.pcsc_programs ARGS` as a PC/SC client of `socket_path`, all pipes."""
+    return subprocess.Popen(
+        [*PROGRAMS, *args],
+        env={**os.environ, "PCSCLITE_CSOCK_NAME": socket_path},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_line(process: subprocess.Popen[str], timeout: float, what: str = "output") -> str:
+    """The next line `process` prints (stripped), within `timeout` seconds."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, f"no {what} within {timeout}s"
+    line = process.stdout.readline()
+    assert line, f"program ended: {process.stderr.read() if process.stderr else ''}"
+    return line.strip()
+
+
+def expect_line(process: subprocess.Popen[str], wanted: str, timeout: float = 10) -> None:
+    """The next line `process` prints is `wanted`, within `timeout` seconds."""
+    line = read_line(process, timeout, what=repr(wanted))
+    assert line == wanted, (
+        f"expected {wanted!r}, got {line!r}: {process.stderr.read() if process.stderr else ''}"
+    )
+
+
+def no_line_within(process: subprocess.Popen[str], seconds: float) -> bool:
+    """True if `process` prints nothing for `seconds` (it is blocked, as it should be)."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], seconds)
+    return not ready
+
+
+def finish(*processes: subprocess.Popen[str]) -> None:
+    """Kill what still runs, reap it and close its pipes."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=5)
+
+
+def fingerprint(public_key_file: Path) -> str:
+    """SHA256:... as OpenSSH prints it, from ssh-keygen (not from the code under test)."""
+    out = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.split()[1]
