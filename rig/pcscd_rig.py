@@ -48,11 +48,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from pcscbridge.host.backends.simcard import SimulatedCard
 from pcscbridge.pcsclite.readers import ReaderEntry
 from pcscbridge.testing.rawclient import RawClient, card_present
+from rig.service import Service
 from rig.vpcd_card import VpcdCard
 
 VPCD_DRIVER = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
@@ -71,7 +71,7 @@ class VpcdSlot:
     port: int
 
 
-class PcscdRig:
+class PcscdRig(Service):
     """pcscd 1.9.9 in a private mount namespace with ``2 * vpcd_entries`` vpcd readers."""
 
     def __init__(
@@ -165,17 +165,6 @@ class PcscdRig:
             if not self.keep_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
-
-    def __enter__(self) -> PcscdRig:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _write_config(self) -> None:
         rig_dir = self._require_dir()
