@@ -20,10 +20,11 @@ from pathlib import Path
 
 from rig.bridge_processes import Bridge, BridgeProcess
 from rig.pcscd_rig import PcscdRig, read_reader_states
+from rig.service import wait_until
 from rig.sshd import LoopbackSshd, free_port
 
 from .delay import DelayProxyProcess
-from .procs import cmdline, die_with_parent, stop_process, wait_until
+from .procs import cmdline, die_with_parent, stop_process
 
 START_TIMEOUT = 20.0
 READERS_TIMEOUT = 10.0  # the guest shows the rig's readers within ~1 s of the host starting
