@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pcscbridge.host.backends.simcard import DEFAULT_ATR
+from pcscbridge.testing.rawclient import recv_exactly
 from rig.pcscd_rig import PcscdRig
 from rig.relay import C2S, S2C, Chunk, LoggingRelay, RelayConnection
 
@@ -606,16 +607,6 @@ class Capture:
         return sock
 
     @staticmethod
-    def _recv_exact(sock: socket.socket, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                break
-            buf += chunk
-        return buf
-
-    @staticmethod
     def _recv_until_eof(sock: socket.socket) -> bytes:
         buf = b""
         while chunk := sock.recv(65536):
@@ -627,7 +618,7 @@ class Capture:
         with self._raw_connect() as sock:
             for major, minor in ((4, 3), (4, 5), (5, 0), (4, 4)):
                 sock.sendall(struct.pack("<II", 12, 0x11) + struct.pack("<iiI", major, minor, 0))
-                reply = self._recv_exact(sock, 12)
+                reply = recv_exactly(sock, 12)
                 got = struct.unpack("<iiI", reply) if len(reply) == 12 else None
                 results.append({"sent": [major, minor], "reply": got})
         return results
@@ -640,7 +631,7 @@ class Capture:
     def _run_malformed_unknown_command(self, name: str) -> Any:
         with self._raw_connect() as sock:
             sock.sendall(struct.pack("<II", 12, 0x11) + struct.pack("<iiI", 4, 4, 0))
-            version = self._recv_exact(sock, 12)
+            version = recv_exactly(sock, 12)
             sock.sendall(struct.pack("<II", 0, 0x03))
             return {
                 "version_reply": version.hex(),

@@ -53,6 +53,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pcscbridge.testing.rawclient import recv_exactly
+
 __all__ = [
     "ClientLib",
     "ClientLibError",
@@ -680,13 +682,7 @@ def _first_bytes(srv: socket.socket, proc: subprocess.Popen[str], n: int) -> byt
     with conn:
         # libpcsclite sends header and body with separate send()s: read until n bytes.
         conn.settimeout(max(0.1, deadline - time.monotonic()))
-        data = b""
-        while len(data) < n:
-            chunk = conn.recv(n - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return recv_exactly(conn, n)
 
 
 def check_loaded(lib: ClientLib, mapped: list[str]) -> str | None:
