@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pcscbridge.testing.rawclient import RawClient
+from rig.pcscd_rig import pcsc_client_env
 from rig.service import wait_until
 
 PCSCBRIDGE = [sys.executable, "-m", "pcscbridge"]
@@ -89,7 +90,7 @@ class Bridge:
 
     @property
     def client_env(self) -> dict[str, str]:
-        return {**os.environ, "PCSCLITE_CSOCK_NAME": self.socket_path}
+        return pcsc_client_env(self.socket_path)
 
     def _flags(self) -> list[str]:
         return ["-v"] if self.verbose else []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pcscbridge.testing.rawclient import recv_exactly
-from rig.pcscd_rig import PcscdRig
+from rig.pcscd_rig import PcscdRig, pcsc_client_env, run_pcsc_client
 from rig.relay import C2S, S2C, Chunk, LoggingRelay
 from rig.transcripts import READERS_STATE_ARRAY, build_vector, split_messages
 
@@ -272,10 +271,9 @@ class Capture:
     # -- pyscard scenarios
 
     def _spawn_pyscard(self, name: str) -> subprocess.Popen[str]:
-        env = {**os.environ, "PCSCLITE_CSOCK_NAME": self.relay.listen_path}
         return subprocess.Popen(
             [sys.executable, "-c", PYSCARD_CLIENT, name, self.reader, self.empty_reader],
-            env=env,
+            env=pcsc_client_env(self.relay.listen_path),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -340,10 +338,7 @@ class Capture:
     # -- real client programs
 
     def _run_program(self, args: list[str]) -> Any:
-        env = {**os.environ, "PCSCLITE_CSOCK_NAME": self.relay.listen_path}
-        proc = subprocess.run(
-            args, env=env, capture_output=True, text=True, timeout=20, check=False
-        )
+        proc = run_pcsc_client(args, self.relay.listen_path, timeout=20)
         return {"returncode": proc.returncode, "stdout": proc.stdout.splitlines()}
 
     def _run_pcsc_scan(self, name: str) -> Any:

@@ -119,7 +119,7 @@ class PcscdRig(Service):
     @property
     def env(self) -> dict[str, str]:
         """os.environ with PCSCLITE_CSOCK_NAME pointing at this rig (for child processes)."""
-        return {**os.environ, "PCSCLITE_CSOCK_NAME": self.socket_path}
+        return pcsc_client_env(self.socket_path)
 
     @property
     def pid(self) -> int | None:
@@ -437,13 +437,24 @@ def wait_for_reader_state(
 # ----------------------------------------------------------------------------- pyscard child
 
 
+def pcsc_client_env(socket_path: str) -> dict[str, str]:
+    """os.environ with PCSCLITE_CSOCK_NAME = ``socket_path``: a child process's libpcsclite
+    then talks to that socket."""
+    return {**os.environ, "PCSCLITE_CSOCK_NAME": socket_path}
+
+
 def run_pcsc_client(
     args: list[str], socket_path: str, timeout: float = 10.0, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a PC/SC client program against ``socket_path`` (killed after ``timeout``)."""
-    env = {**os.environ, "PCSCLITE_CSOCK_NAME": socket_path}
     return subprocess.run(
-        args, env=env, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        args,
+        env=pcsc_client_env(socket_path),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
