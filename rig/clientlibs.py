@@ -48,6 +48,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from rig.libpcsclite import (
     LIBRARY,
@@ -430,7 +431,7 @@ def _apt(argv: list[str], env: Mapping[str, str], cwd: Path, *, what: str) -> st
 # --- stamp ---------------------------------------------------------------------------------
 
 
-def _read_stamp(cache: Path) -> dict | None:
+def _read_stamp(cache: Path) -> dict[str, Any] | None:
     """The stamp, if it is of this format and everything it names is still there."""
     try:
         stamp = json.loads((cache / STAMP_NAME).read_text())
@@ -454,7 +455,7 @@ def _read_stamp(cache: Path) -> dict | None:
     return stamp
 
 
-def _write_stamp(cache: Path, stamp: dict) -> None:
+def _write_stamp(cache: Path, stamp: dict[str, Any]) -> None:
     # Written last and atomically: a stamp only ever describes a complete, checked extraction.
     tmp = cache / (STAMP_NAME + ".tmp")
     tmp.write_text(json.dumps(stamp, indent=2) + "\n")

@@ -108,7 +108,9 @@ def ctx(backend: SimulatedBackend) -> int:
     return backend.establish_context()
 
 
-def gsc(backend: SimulatedBackend, context: int, *states: ReaderState, timeout: int = 0):
+def gsc(
+    backend: SimulatedBackend, context: int, *states: ReaderState, timeout: int = 0
+) -> list[ReaderState]:
     return backend.get_status_change(context, timeout, list(states))
 
 
@@ -305,13 +307,14 @@ def test_removed_card_until_reconnect(backend: SimulatedBackend, ctx: int) -> No
     card, _ = backend.connect(ctx, R0, SHARED, T1)
     backend.begin_transaction(card)
     backend.remove_card(R0)
-    for call, args in [
+    calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
         (backend.transmit, (card, T1, SELECT_APP)),
         (backend.status, (card,)),
         (backend.begin_transaction, (card,)),
         (backend.end_transaction, (card, LEAVE)),
         (backend.get_attrib, (card, SCARD_ATTR_ATR_STRING)),
-    ]:
+    ]
+    for call, args in calls:
         assert rv_of(call, *args) == RC.SCARD_W_REMOVED_CARD, call.__name__
     assert rv_of(backend.reconnect, card, SHARED, T1, LEAVE) == RC.SCARD_E_NO_SMARTCARD
     # The removal ended the transaction: another context connects without waiting.
