@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; everything started was stopped", file=sys.stderr)
         return 130
 
+    from . import plots as plotting
     from . import report
 
     results["targets"] = report.evaluate_targets(results)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "samples.json").write_text(json.dumps(samples) + "\n")
     (args.out / "summary.md").write_text(report.markdown_report(results))
-    plots = [] if args.no_plots else report.plots(results, args.out)
+    plots = [] if args.no_plots else plotting.plots(results, args.out)
     print(text)
     files = ["results.json", "samples.json", "summary.md", *(p.name for p in plots), "logs/"]
     print(f"written to {args.out}/: {', '.join(files)}")

@@ -32,7 +32,8 @@ import subprocess
 import sys
 import threading
 import time
-from types import TracebackType
+
+from rig.service import Service
 
 from .procs import LineReader, die_with_parent, stop_process
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class DelayProxyProcess:
+class DelayProxyProcess(Service):
     """The proxy as a child process of the benchmark (see the module docstring)."""
 
     def __init__(self, target_port: int, delay_ms: float) -> None:
@@ -208,17 +209,6 @@ class DelayProxyProcess:
         if proc is None:
             return
         stop_process(proc)
-
-    def __enter__(self) -> DelayProxyProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from rig.bridge_processes import Bridge, BridgeProcess
 from rig.pcscd_rig import PcscdRig, read_reader_states
+from rig.service import wait_until
 from rig.sshd import LoopbackSshd, free_port
 
 from .delay import DelayProxyProcess
-from .procs import cmdline, die_with_parent, stop_process, wait_until
+from .procs import cmdline, die_with_parent, stop_process
 
 START_TIMEOUT = 20.0
 READERS_TIMEOUT = 10.0  # the guest shows the rig's readers within ~1 s of the host starting
@@ -223,8 +224,9 @@ def _process(
 @contextlib.contextmanager
 def _bridge(
     env: BenchEnv, running: RunningPath, guest_link: str, host_argv: list[str]
-) -> Iterator[tuple[Bridge, BridgeProcess]]:
-    """The guest server and the host agent, up once the guest serves the rig's readers.
+) -> Iterator[RunningPath]:
+    """The guest server and the host agent, up once the guest serves the rig's readers;
+    ``running`` gets the guest's socket, both logs and both pids.
 
     A bridge whose guest does not show the readers in time is started once more, and the
     retry is recorded: the benchmark measures a working bridge, and says it needed two tries.
@@ -234,9 +236,10 @@ def _bridge(
         # verbose=False: per-call debug logging would be measured too.
         bridge = Bridge(folder, env.rig.socket_path, link=guest_link, verbose=False)
         try:
-            bridge.start_guest()
+            guest = bridge.start_guest()
             host_env = _client_env({"PCSCLITE_CSOCK_NAME": env.rig.socket_path})
-            bridge.host = BridgeProcess("host", ["host", *host_argv], folder / "host.log", host_env)
+            host = BridgeProcess("host", ["host", *host_argv], folder / "host.log", host_env)
+            bridge.host = host
             bridge.wait_for_readers(env.rig.reader_names, timeout=READERS_TIMEOUT)
         except Exception as exc:
             logs = bridge.logs()[-4000:]
@@ -246,10 +249,23 @@ def _bridge(
                 continue
             raise RuntimeError(f"{exc}\n{logs}") from exc
         try:
-            yield bridge, bridge.host
+            running.socket_path = bridge.socket_path
+            running.logs += [guest.log_path, host.log_path]
+            running.processes.update(guest=guest.process.pid, host=host.process.pid)
+            yield running
         finally:
             bridge.stop()
         return
+
+
+@contextlib.contextmanager
+def _ssh_config_for(env: BenchEnv, running: RunningPath) -> Iterator[Path]:
+    """A client config that reaches the loopback sshd, through a delay proxy when the path
+    has a delay; the path's sessions are then found under that sshd."""
+    sshd = env.require_sshd()
+    running.sshd = sshd
+    with _delayed_port(sshd.port, running.delay_ms) as port:
+        yield _ssh_config(env, running.folder, port)
 
 
 @contextlib.contextmanager
@@ -281,10 +297,7 @@ def open_path(name: str, env: BenchEnv, delay_ms: float) -> Iterator[RunningPath
             yield running
 
     elif name in ("ssh-N-R", "ssh-T-R"):
-        sshd = env.require_sshd()
-        running.sshd = sshd
-        with _delayed_port(sshd.port, delay_ms) as port:
-            config = _ssh_config(env, folder, port)
+        with _ssh_config_for(env, running) as config:
             forward = ["-R", f"{guest_socket}:{rig_socket}"]
             if name == "ssh-N-R":
                 argv = ["ssh", "-F", str(config), "-N", *forward, "vm"]
@@ -307,30 +320,18 @@ def open_path(name: str, env: BenchEnv, delay_ms: float) -> Iterator[RunningPath
 
     elif name == "bridge-unix":
         link = f"unix:{folder / 'link.sock'}"
-        with _bridge(env, running, link, ["--connect", link]) as (bridge, host):
-            running.socket_path = bridge.socket_path
-            running.logs += [folder / "guest.log", folder / "host.log"]
-            assert bridge.guest is not None
-            running.processes.update(guest=bridge.guest.process.pid, host=host.process.pid)
+        with _bridge(env, running, link, ["--connect", link]):
             yield running
 
     elif name == "bridge-tcp":
         guest_port = free_port()
         with _delayed_port(guest_port, delay_ms) as port:
             link = f"tcp:127.0.0.1:{guest_port}"
-            host_argv = ["--connect", f"tcp:127.0.0.1:{port}"]
-            with _bridge(env, running, link, host_argv) as (bridge, host):
-                running.socket_path = bridge.socket_path
-                running.logs += [folder / "guest.log", folder / "host.log"]
-                assert bridge.guest is not None
-                running.processes.update(guest=bridge.guest.process.pid, host=host.process.pid)
+            with _bridge(env, running, link, ["--connect", f"tcp:127.0.0.1:{port}"]):
                 yield running
 
     elif name == "bridge-ssh":
-        sshd = env.require_sshd()
-        running.sshd = sshd
-        with _delayed_port(sshd.port, delay_ms) as port:
-            config = _ssh_config(env, folder, port)
+        with _ssh_config_for(env, running) as config:
             link = f"unix:{folder / 'link.sock'}"
             remote = str(Path(sys.executable).parent / "pcscbridge")
             host_argv = [
@@ -343,11 +344,7 @@ def open_path(name: str, env: BenchEnv, delay_ms: float) -> Iterator[RunningPath
                 "--guest-link",
                 link,
             ]
-            with _bridge(env, running, link, host_argv) as (bridge, host):
-                running.socket_path = bridge.socket_path
-                running.logs += [folder / "guest.log", folder / "host.log"]
-                assert bridge.guest is not None
-                running.processes.update(guest=bridge.guest.process.pid, host=host.process.pid)
+            with _bridge(env, running, link, host_argv):
                 yield running
     else:
         raise ValueError(f"unknown path {name!r}")

@@ -1,4 +1,4 @@
-"""The benchmark's report: ratio tables (text and Markdown), target verdicts, PNG plots.
+"""The benchmark's report: ratio tables (text and Markdown) and target verdicts.
 
 Every ratio compares medians measured in the same run:
 - "vs direct": against the direct pcscd socket (measured once, without delay: the host's own
@@ -10,9 +10,8 @@ Time ratios above 1 mean slower; throughput ratios above 1 mean more calls per s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .paths import ORDER, PATHS
@@ -380,6 +379,55 @@ def _header(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One path's cell of a metric row: the value, and for times and rates the ratios
+    (vs direct, vs ssh -T -R)."""
+
+    value: str
+    ratios: tuple[str, str] | None = None
+
+
+def _rows(res: Results, delay: float) -> Iterator[tuple[Metric, list[Cell]]]:
+    """The ratio table at one delay: a row of cells (one per path) for every metric."""
+    for metric in METRICS:
+        cells = []
+        for path in res.paths:
+            if not res.applies(path, delay):
+                cells.append(Cell("n/a"))
+                continue
+            ratios = None
+            if metric.kind in ("us", "rate"):
+                ratios = (
+                    fmt_ratio(res.ratio(metric, path, delay, "direct")),
+                    fmt_ratio(res.ratio(metric, path, delay, REFERENCE_SSH)),
+                )
+            cells.append(Cell(fmt_value(metric, res.value(metric, path, delay)), ratios))
+        yield metric, cells
+
+
+def _peak_rss(res: Results) -> Iterator[tuple[str, float, str]]:
+    """(path label, delay, "guest N MB, host N MB, ...") for every run that measured RSS."""
+    for delay in res.delays:
+        for path in res.paths:
+            record = res.get(path, delay)
+            if record is None or not record.get("rss"):
+                continue
+            parts = [f"{role} {mb(v['peak_rss_kib'])}" for role, v in record["rss"].items()]
+            yield PATHS[path].label, delay, ", ".join(parts)
+
+
+def _targets(
+    results: dict[str, Any], verdicts: dict[bool | None, str], target: str, detail: str
+) -> list[str]:
+    """Each target as ``target`` formatted with its verdict and text, then its details."""
+    lines = []
+    for judged in results.get("targets", []):
+        lines.append(target.format(verdict=verdicts[judged["met"]], target=judged["target"]))
+        lines += [detail.format(detail=text) for text in judged["details"]]
+    return lines
+
+
 def text_report(results: dict[str, Any]) -> str:
     res = Results(results)
     width, label_width = 13, 28
@@ -388,32 +436,14 @@ def text_report(results: dict[str, Any]) -> str:
         how = "plain loopback, no proxy" if delay == 0 else "userspace delay proxy in the link"
         lines += ["", f"== one-way link delay {delay:g} ms ({how})"]
         lines.append(" " * label_width + "".join(f"{PATHS[p].label:>{width}}" for p in res.paths))
-        for metric in METRICS:
-            values, ratios = [], []
-            for path in res.paths:
-                if not res.applies(path, delay):
-                    values.append("n/a")
-                    ratios.append("")
-                    continue
-                values.append(fmt_value(metric, res.value(metric, path, delay)))
-                if metric.kind in ("us", "rate"):
-                    rd = fmt_ratio(res.ratio(metric, path, delay, "direct"))
-                    rs = fmt_ratio(res.ratio(metric, path, delay, REFERENCE_SSH))
-                    ratios.append(f"{rd} {rs}")
-                else:
-                    ratios.append("")
-            row = "".join(f"{v:>{width}}" for v in values)
+        for metric, cells in _rows(res, delay):
+            row = "".join(f"{cell.value:>{width}}" for cell in cells)
             lines.append(f"{metric.label:<{label_width}}{row}")
+            ratios = [" ".join(cell.ratios) if cell.ratios else "" for cell in cells]
             if any(ratios):
                 lines.append(" " * label_width + "".join(f"{r:>{width}}" for r in ratios))
     lines += ["", "Peak RSS (VmHWM) after the 64-client load:"]
-    for delay in res.delays:
-        for path in res.paths:
-            record = res.get(path, delay)
-            if record is None or not record.get("rss"):
-                continue
-            parts = [f"{role} {mb(v['peak_rss_kib'])}" for role, v in record["rss"].items()]
-            lines.append(f"  {PATHS[path].label:12} {delay:g} ms: " + ", ".join(parts))
+    lines += [f"  {label:12} {delay:g} ms: {rss}" for label, delay, rss in _peak_rss(res)]
     retried = [r for r in results["runs"] if r.get("setup_retries")]
     if retried:
         lines += ["", "Set up twice (the first bridge never showed the readers to its clients):"]
@@ -426,10 +456,8 @@ def text_report(results: dict[str, Any]) -> str:
         lines += ["", "Not measured (errors):"]
         lines += [f"  {r['path']} at {r['delay_ms']:g} ms: {r['error'][:200]}" for r in failed]
     lines += ["", "Targets (measured, never asserted):"]
-    for target in results.get("targets", []):
-        verdict = {True: "MET", False: "MISSED", None: "not measured"}[target["met"]]
-        lines.append(f"  [{verdict}] {target['target']}")
-        lines += [f"      {detail}" for detail in target["details"]]
+    verdicts = {True: "MET", False: "MISSED", None: "not measured"}
+    lines += _targets(results, verdicts, "  [{verdict}] {target}", "      {detail}")
     return "\n".join(lines)
 
 
@@ -459,157 +487,17 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines += ["", f"## {delay:g} ms one-way link delay", ""]
         lines.append("| metric | " + " | ".join(PATHS[p].label for p in res.paths) + " |")
         lines.append("|---|" + "---|" * len(res.paths))
-        for metric in METRICS:
-            cells = []
-            for path in res.paths:
-                if not res.applies(path, delay):
-                    cells.append("n/a")
-                    continue
-                cell = fmt_value(metric, res.value(metric, path, delay))
-                if metric.kind in ("us", "rate") and cell != "-":
-                    rd = fmt_ratio(res.ratio(metric, path, delay, "direct"))
-                    rs = fmt_ratio(res.ratio(metric, path, delay, REFERENCE_SSH))
-                    cell += f"<br>*{rd} · {rs}*"
-                cells.append(cell)
-            lines.append(f"| {metric.label.strip()} | " + " | ".join(cells) + " |")
-    lines += ["", "## Peak RSS after the 64-client load", ""]
-    for delay in res.delays:
-        for path in res.paths:
-            record = res.get(path, delay)
-            if record is None or not record.get("rss"):
-                continue
-            parts = [f"{role} {mb(v['peak_rss_kib'])}" for role, v in record["rss"].items()]
-            lines.append(f"- {PATHS[path].label} at {delay:g} ms: " + ", ".join(parts))
-    lines += ["", "## Targets", ""]
-    for target in results.get("targets", []):
-        verdict = {True: "met", False: "**missed**", None: "not measured"}[target["met"]]
-        lines.append(f"- {verdict}: {target['target']}")
-        lines += [f"  - {detail}" for detail in target["details"]]
-    return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------ plots
-
-
-def plots(results: dict[str, Any], out: Path) -> list[Path]:
-    """latency.png, sessions.png, throughput.png; [] when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    res = Results(results)
-    colors = {name: f"C{index}" for index, name in enumerate(ORDER)}
-    written: list[Path] = []
-
-    # Per-call latency: one panel per delay, bars = medians, whiskers up to p99.
-    fig, axes = plt.subplots(
-        1, len(res.delays), figsize=(6 * len(res.delays), 4.8), squeeze=False, sharey=True
-    )
-    kinds = list(LATENCY_LABELS)
-    for ax, delay in zip(axes[0], res.delays, strict=True):
-        paths = [p for p in res.paths if res.applies(p, delay)]
-        width = 0.8 / max(1, len(paths))
-        for index, path in enumerate(paths):
-            medians, errors = [], []
-            for kind in kinds:
-                record = res.get(path, delay)
-                stats = (record or {}).get("latency", {}).get(kind, {})
-                median, p99 = stats.get("median"), stats.get("p99")
-                medians.append(median or float("nan"))
-                errors.append(max(0.0, (p99 or 0) - (median or 0)))
-            xs = [k + (index - (len(paths) - 1) / 2) * width for k in range(len(kinds))]
-            ax.bar(xs, medians, width, label=PATHS[path].label, color=colors[path])
-            ax.errorbar(
-                xs, medians, yerr=[[0] * len(kinds), errors], fmt="none", ecolor="black", lw=0.6
-            )
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(kinds)))
-        ax.set_xticklabels([LATENCY_LABELS[k] for k in kinds], rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{delay:g} ms one-way delay")
-        ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0][0].set_ylabel("per-call latency, us (bar: median, line: to p99)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out / "latency.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-
-    # Sessions against link delay.
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), squeeze=False)
-    for ax, (key, label) in zip(
-        axes[0],
-        [
-            ("opensc_tool_a", "opensc-tool -a"),
-            ("pcsc_scan_r", "pcsc_scan -r"),
-            ("pyscard_session", "pyscard session"),
-        ],
-        strict=True,
-    ):
-        metric = next(m for m in METRICS if m.key == key)
-        for path in res.paths:
-            points = [
-                (d, res.value(metric, path, d))
-                for d in res.delays
-                if res.applies(path, d) and res.value(metric, path, d) is not None
+        for metric, cells in _rows(res, delay):
+            shown = [
+                f"{cell.value}<br>*{cell.ratios[0]} · {cell.ratios[1]}*"
+                if cell.ratios and cell.value != "-"
+                else cell.value
+                for cell in cells
             ]
-            if not points:
-                continue
-            if PATHS[path].delayable:
-                ax.plot(
-                    [p[0] for p in points],
-                    [p[1] / 1000 for p in points],
-                    marker="o",
-                    label=PATHS[path].label,
-                    color=colors[path],
-                )
-            else:
-                ax.axhline(
-                    points[0][1] / 1000,
-                    ls="--",
-                    lw=1,
-                    label=f"{PATHS[path].label} (no link)",
-                    color=colors[path],
-                )
-        ax.set_yscale("log")
-        ax.set_xlabel("one-way link delay, ms")
-        ax.set_ylabel("wall time, ms (median)")
-        ax.set_title(label)
-        ax.grid(which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out / "sessions.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-
-    # Throughput against concurrent clients, one panel per delay.
-    fig, axes = plt.subplots(
-        1, len(res.delays), figsize=(5 * len(res.delays), 4.2), squeeze=False, sharey=True
-    )
-    for ax, delay in zip(axes[0], res.delays, strict=True):
-        for path in res.paths:
-            record = res.get(path, delay)
-            if record is None or not res.applies(path, delay):
-                continue
-            levels = sorted(record.get("throughput", {}), key=int)
-            ax.plot(
-                [int(level) for level in levels],
-                [record["throughput"][level]["calls_per_s"] for level in levels],
-                marker="o",
-                label=PATHS[path].label,
-                color=colors[path],
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(f"{delay:g} ms one-way delay")
-        ax.grid(which="both", alpha=0.3)
-    axes[0][0].set_ylabel("SCardTransmit calls/s, all clients")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out / "throughput.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-    return written
+            lines.append(f"| {metric.label.strip()} | " + " | ".join(shown) + " |")
+    lines += ["", "## Peak RSS after the 64-client load", ""]
+    lines += [f"- {label} at {delay:g} ms: {rss}" for label, delay, rss in _peak_rss(res)]
+    lines += ["", "## Targets", ""]
+    verdicts = {True: "met", False: "**missed**", None: "not measured"}
+    lines += _targets(results, verdicts, "- {verdict}: {target}", "  - {detail}")
+    return "\n".join(lines) + "\n"

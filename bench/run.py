@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rig.pcscd_rig import PcscdRig
+from rig.pcscd_rig import PcscdRig, pcsc_client_env
 from rig.sshd import LoopbackSshd
 
 from .measure import KINDS, MeasureClient
@@ -133,7 +133,7 @@ class Measurer:
     def sessions(self, main: MeasureClient) -> dict[str, Any]:
         """Per kind: {"durations_s": [...], "failures": [messages]}."""
         s = self.settings
-        env = {**os.environ, "PCSCLITE_CSOCK_NAME": self.running.socket_path}
+        env = pcsc_client_env(self.running.socket_path)
         commands = {
             "opensc_tool_a": (["opensc-tool", "-a"], EXPECTED_ATR),
             "pcsc_scan_r": (["pcsc_scan", "-r"], self.reader),

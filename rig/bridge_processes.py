@@ -11,10 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pcscbridge.testing.rawclient import RawClient
+from rig.pcscd_rig import pcsc_client_env
+from rig.service import wait_until
 
 PCSCBRIDGE = [sys.executable, "-m", "pcscbridge"]
 
@@ -88,7 +90,7 @@ class Bridge:
 
     @property
     def client_env(self) -> dict[str, str]:
-        return {**os.environ, "PCSCLITE_CSOCK_NAME": self.socket_path}
+        return pcsc_client_env(self.socket_path)
 
     def _flags(self) -> list[str]:
         return ["-v"] if self.verbose else []
@@ -162,25 +164,31 @@ class Bridge:
 
 
 def _wait_for(
-    condition,
+    condition: Callable[[], object],
     timeout: float,
     what: str,
-    process: BridgeProcess | None,  # type: ignore[no-untyped-def]
+    process: BridgeProcess | None,
 ) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass
+    """Poll ``condition`` (OSError counts as false) while ``process`` lives; BridgeError with
+    the process's log when it dies or the time is up."""
+
+    def check_alive() -> None:
         if process is not None and not process.alive():
             raise BridgeError(f"{process.name} exited while waiting for {what}:\n{process.log}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.2)
-    log = process.log if process is not None else ""
-    raise BridgeError(f"timed out after {timeout}s waiting for {what}\n{log}")
+
+    try:
+        wait_until(
+            condition,
+            timeout,
+            what,
+            interval=0.01,
+            max_interval=0.2,
+            ignore=(OSError,),
+            give_up=check_alive,
+        )
+    except TimeoutError:
+        log = process.log if process is not None else ""
+        raise BridgeError(f"timed out after {timeout}s waiting for {what}\n{log}") from None
 
 
 def have(program: str) -> bool:

@@ -48,11 +48,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from pcscbridge.host.backends.simcard import SimulatedCard
 from pcscbridge.pcsclite.readers import ReaderEntry
 from pcscbridge.testing.rawclient import RawClient, card_present
+from rig.service import Service
 from rig.vpcd_card import VpcdCard
 
 VPCD_DRIVER = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
@@ -71,7 +71,7 @@ class VpcdSlot:
     port: int
 
 
-class PcscdRig:
+class PcscdRig(Service):
     """pcscd 1.9.9 in a private mount namespace with ``2 * vpcd_entries`` vpcd readers."""
 
     def __init__(
@@ -119,7 +119,7 @@ class PcscdRig:
     @property
     def env(self) -> dict[str, str]:
         """os.environ with PCSCLITE_CSOCK_NAME pointing at this rig (for child processes)."""
-        return {**os.environ, "PCSCLITE_CSOCK_NAME": self.socket_path}
+        return pcsc_client_env(self.socket_path)
 
     @property
     def pid(self) -> int | None:
@@ -165,17 +165,6 @@ class PcscdRig:
             if not self.keep_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
-
-    def __enter__(self) -> PcscdRig:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _write_config(self) -> None:
         rig_dir = self._require_dir()
@@ -448,13 +437,24 @@ def wait_for_reader_state(
 # ----------------------------------------------------------------------------- pyscard child
 
 
+def pcsc_client_env(socket_path: str) -> dict[str, str]:
+    """os.environ with PCSCLITE_CSOCK_NAME = ``socket_path``: a child process's libpcsclite
+    then talks to that socket."""
+    return {**os.environ, "PCSCLITE_CSOCK_NAME": socket_path}
+
+
 def run_pcsc_client(
     args: list[str], socket_path: str, timeout: float = 10.0, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a PC/SC client program against ``socket_path`` (killed after ``timeout``)."""
-    env = {**os.environ, "PCSCLITE_CSOCK_NAME": socket_path}
     return subprocess.run(
-        args, env=env, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        args,
+        env=pcsc_client_env(socket_path),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

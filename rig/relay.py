@@ -19,7 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
+
+from rig.service import Service
 
 C2S = "c2s"  # client -> server (pcscd)
 S2C = "s2c"  # server -> client
@@ -52,7 +53,7 @@ class RelayConnection:
         return len(self.eof) == 2
 
 
-class LoggingRelay:
+class LoggingRelay(Service):
     def __init__(self, listen_path: str, upstream_path: str) -> None:
         self.listen_path = listen_path
         self.upstream_path = upstream_path
@@ -101,17 +102,6 @@ class LoggingRelay:
             sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.listen_path)
-
-    def __enter__(self) -> LoggingRelay:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- records
 

@@ -25,7 +25,8 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
+
+from rig.service import Service
 
 __all__ = ["LoopbackSshd", "SshdError", "free_port"]
 
@@ -108,7 +109,7 @@ def _signal_all(pids: Iterable[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-class LoopbackSshd:
+class LoopbackSshd(Service):
     """An `sshd -D` on 127.0.0.1:<free port> accepting one generated client key for `user`."""
 
     def __init__(
@@ -262,17 +263,6 @@ class LoopbackSshd:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-
-    def __enter__(self) -> LoopbackSshd:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------ sessions
 

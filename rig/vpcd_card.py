@@ -32,9 +32,10 @@ import socket
 import struct
 import threading
 import time
-from types import TracebackType
 
 from pcscbridge.host.backends.simcard import SimulatedCard, requested_delay
+from pcscbridge.testing.rawclient import recv_exactly
+from rig.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ MAX_FRAME = 0xFFFF  # the 2-byte length field
 _SW_WRONG_LENGTH = b"\x67\x00"
 
 
-class VpcdCard:
+class VpcdCard(Service):
     """One card in one vpcd slot (``port`` = the slot's TCP port)."""
 
     def __init__(
@@ -117,16 +118,12 @@ class VpcdCard:
         thread.join(timeout)
         return not thread.is_alive()
 
-    def __enter__(self) -> VpcdCard:
+    def start(self) -> VpcdCard:
+        """``with VpcdCard(...)`` inserts the card, and removes it at the end."""
         self.insert()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.remove()
 
     # -- the serving thread
@@ -175,16 +172,14 @@ class VpcdCard:
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     """Read exactly n bytes; None on EOF. Re-arms TCP_QUICKACK after every recv."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+
+    def quick_ack() -> None:
         # Linux turns quick-ACK mode off by itself; without it vpcd's second send of a frame
         # waits for our delayed ACK (~40 ms).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
+
+    data = recv_exactly(sock, n, quick_ack)
+    return data if len(data) == n else None
 
 
 def main(argv: list[str] | None = None) -> int:

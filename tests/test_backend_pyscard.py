@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from pyscard_worker import PyscardWorker, spin_during
@@ -237,13 +238,13 @@ def test_blocking_calls_release_the_gil(pcscd_rig: PcscdRig, worker: PyscardWork
 WIN_TIMEOUT = RC.SCARD_E_TIMEOUT - 2**32  # a C LONG of 32 bits, as on Windows
 
 
-def fake_scard(calls: list[tuple]) -> types.ModuleType:
+def fake_scard(calls: list[tuple[object, ...]]) -> types.ModuleType:
     """A stand-in for smartcard.scard answering as pyscard does on Windows (signed LONGs)."""
-    scard = types.ModuleType("smartcard.scard")
+    scard: Any = types.ModuleType("smartcard.scard")
     scard.SCARD_SCOPE_USER = 0
     scard.SCARD_PCI_T0, scard.SCARD_PCI_T1, scard.SCARD_PCI_RAW = 1, 2, 4
 
-    def record(name: str, reply: object):  # type: ignore[no-untyped-def]
+    def record(name: str, reply: object) -> Callable[..., object]:
         def function(*args: object) -> object:
             calls.append((name, *args))
             return reply
@@ -260,7 +261,7 @@ def fake_scard(calls: list[tuple]) -> types.ModuleType:
 
 
 def test_results_are_normalised_to_unsigned(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple] = []
+    calls: list[tuple[object, ...]] = []
     package = types.ModuleType("smartcard")
     package.scard = fake_scard(calls)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "smartcard", package)

@@ -108,7 +108,9 @@ def ctx(backend: SimulatedBackend) -> int:
     return backend.establish_context()
 
 
-def gsc(backend: SimulatedBackend, context: int, *states: ReaderState, timeout: int = 0):
+def gsc(
+    backend: SimulatedBackend, context: int, *states: ReaderState, timeout: int = 0
+) -> list[ReaderState]:
     return backend.get_status_change(context, timeout, list(states))
 
 
@@ -116,6 +118,14 @@ def known(state: ReaderState) -> ReaderState:
     """The next round's input: what the last call reported, as pcsc-lite callers do."""
     # int(): ~ on an IntFlag member would also clear the event counter in the upper bits.
     return ReaderState(state.reader, state.event_state & ~int(State.CHANGED))
+
+
+def two_sharers(backend: SimulatedBackend) -> tuple[int, int, int, int]:
+    """Two contexts, each with a SHARED T=1 handle on R0: (context, handle, context, handle)."""
+    c1, c2 = backend.establish_context(), backend.establish_context()
+    first, _ = backend.connect(c1, R0, SHARED, T1)
+    second, _ = backend.connect(c2, R0, SHARED, T1)
+    return c1, first, c2, second
 
 
 def label_selected(backend: SimulatedBackend, card: int) -> None:
@@ -274,9 +284,7 @@ def test_sharing_shows_in_reader_states(backend: SimulatedBackend, ctx: int) -> 
 
 
 def test_reconnect_to_exclusive_waits_for_the_other_handles(backend: SimulatedBackend) -> None:
-    c1, c2 = backend.establish_context(), backend.establish_context()
-    mine, _ = backend.connect(c1, R0, SHARED, T1)
-    other, _ = backend.connect(c2, R0, SHARED, T1)
+    _, mine, c2, other = two_sharers(backend)
     # libpcsclite retries SCardReconnect while pcscd answers SCARD_E_SHARING_VIOLATION.
     reconnect = Background(backend.reconnect, mine, EXCLUSIVE, T1, LEAVE)
     assert backend.wait_for_blocked_calls(1)
@@ -299,13 +307,14 @@ def test_removed_card_until_reconnect(backend: SimulatedBackend, ctx: int) -> No
     card, _ = backend.connect(ctx, R0, SHARED, T1)
     backend.begin_transaction(card)
     backend.remove_card(R0)
-    for call, args in [
+    calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
         (backend.transmit, (card, T1, SELECT_APP)),
         (backend.status, (card,)),
         (backend.begin_transaction, (card,)),
         (backend.end_transaction, (card, LEAVE)),
         (backend.get_attrib, (card, SCARD_ATTR_ATR_STRING)),
-    ]:
+    ]
+    for call, args in calls:
         assert rv_of(call, *args) == RC.SCARD_W_REMOVED_CARD, call.__name__
     assert rv_of(backend.reconnect, card, SHARED, T1, LEAVE) == RC.SCARD_E_NO_SMARTCARD
     # The removal ended the transaction: another context connects without waiting.
@@ -375,9 +384,7 @@ def test_unpower_keeps_atr_and_next_connect_powers_up(backend: SimulatedBackend)
 
 # --- transactions -------------------------------------------------------------------------------
 def test_transaction_blocks_other_handles(backend: SimulatedBackend) -> None:
-    c1, c2 = backend.establish_context(), backend.establish_context()
-    owner, _ = backend.connect(c1, R0, SHARED, T1)
-    other, _ = backend.connect(c2, R0, SHARED, T1)
+    _, owner, _, other = two_sharers(backend)
     backend.begin_transaction(owner)
     backend.begin_transaction(owner)  # nested: a count, as in pcscd
     begin = Background(backend.begin_transaction, other)
@@ -402,9 +409,7 @@ def test_transaction_blocks_other_handles(backend: SimulatedBackend) -> None:
 
 
 def test_transaction_ends_when_its_owner_disconnects(backend: SimulatedBackend) -> None:
-    c1, c2 = backend.establish_context(), backend.establish_context()
-    owner, _ = backend.connect(c1, R0, SHARED, T1)
-    other, _ = backend.connect(c2, R0, SHARED, T1)
+    _, owner, _, other = two_sharers(backend)
     backend.begin_transaction(owner)
     begin = Background(backend.begin_transaction, other)
     assert backend.wait_for_blocked_calls(1)
@@ -455,9 +460,7 @@ def test_connect_on_the_transaction_owners_context_fails_instead_of_hanging(
 
 
 def test_disconnect_with_reset_waits_for_another_transaction(backend: SimulatedBackend) -> None:
-    c1, c2 = backend.establish_context(), backend.establish_context()
-    owner, _ = backend.connect(c1, R0, SHARED, T1)
-    other, _ = backend.connect(c2, R0, SHARED, T1)
+    _, owner, _, other = two_sharers(backend)
     backend.begin_transaction(owner)
     label_selected(backend, owner)
     disconnect = Background(backend.disconnect, other, RESET)
@@ -483,9 +486,7 @@ def test_end_transaction_errors(backend: SimulatedBackend, ctx: int) -> None:
 
 # --- release_context, as pcscd cleans up a client -------------------------------------------------
 def test_release_context_resets_the_card_of_a_held_transaction(backend: SimulatedBackend) -> None:
-    dying, staying = backend.establish_context(), backend.establish_context()
-    owner, _ = backend.connect(dying, R0, SHARED, T1)
-    watcher, _ = backend.connect(staying, R0, SHARED, T1)
+    dying, owner, _, watcher = two_sharers(backend)
     backend.begin_transaction(owner)
     label_selected(backend, owner)
     backend.release_context(dying)

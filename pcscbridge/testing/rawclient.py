@@ -9,6 +9,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ..pcsc import ReaderStatus
@@ -52,12 +53,9 @@ class RawClient:
         self.sock.sendall(data)
 
     def receive(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = self.sock.recv(size - len(data))
-            if not chunk:
-                raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
-            data += chunk
+        data = recv_exactly(self.sock, size)
+        if len(data) < size:
+            raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
         return data
 
     def closed_by_peer(self) -> bool:
@@ -149,6 +147,24 @@ class RawClient:
     def readers_state_array(self, count: int) -> list[ReaderEntry | None]:
         self.send(encode_request(Command.CMD_GET_READERS_STATE_ARRAY, Empty()))
         return decode_table(self.receive(count * entry_size()))
+
+
+def recv_exactly(
+    sock: socket.socket, size: int, after_recv: Callable[[], None] | None = None
+) -> bytes:
+    """Read ``size`` bytes from ``sock``, fewer only when the peer closes first.
+
+    ``after_recv`` runs after every recv (the vpcd card re-arms TCP_QUICKACK there).
+    """
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if after_recv is not None:
+            after_recv()
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 def card_present(entry: ReaderEntry) -> bool:

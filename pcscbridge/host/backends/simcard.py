@@ -1,8 +1,8 @@
 """A pure ISO 7816-4 test card: the one card behind the simulated backend and the vpcd test card.
 
-No I/O: bytes in, bytes out. The simulated backend (``sim.py``) and the vpcd card program
+No I/O: bytes in, bytes out. The simulated backend (``sim``) and the vpcd card program
 (``rig.vpcd_card``) wrap the same :class:`SimulatedCard`, so a test sees the same
-card whichever way it reaches it.
+card whichever way it reaches it. Command APDUs are parsed by :mod:`pcscbridge.iso7816.apdu`.
 
 ATR
     ``3B 85 81 31 FE 45 80 73 B0 01 40 xx`` (T=1 only; IFSC 254; historical bytes announce
@@ -59,6 +59,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from ...iso7816.apdu import CommandAPDU
+from ...iso7816.atr import append_tck
+
 # Status words
 SW_OK = b"\x90\x00"
 SW_END_OF_FILE = b"\x62\x82"  # fewer bytes than Ne before the end of the EF
@@ -95,19 +98,12 @@ SIZE_EF_4K = 4096
 SIZE_EF_60K = 60 * 1024
 
 
-def _with_tck(atr_without_tck: bytes) -> bytes:
-    """Append TCK: the XOR of T0 .. last historical byte (required when T=1 is offered)."""
-    tck = 0
-    for byte in atr_without_tck[1:]:
-        tck ^= byte
-    return atr_without_tck + bytes([tck])
-
-
 # TS=3B direct convention; T0=85: TD1 present, 5 historical bytes; TD1=81: TD2 present, T=1;
 # TD2=31: TA3, TB3 present, T=1; TA3=FE: IFSC 254; TB3=45: BWI 4, CWI 5.
 # Historical: 80 = compact-TLV follows; 73 B0 01 40 = card capabilities (selection by full DF
 # name, path and file id; data coding 01; extended Lc and Le fields).
-DEFAULT_ATR = _with_tck(bytes.fromhex("3B 85 81 31 FE 45 80 73 B0 01 40"))
+# TCK: the XOR of T0 .. the last historical byte (required when T=1 is offered).
+DEFAULT_ATR = append_tck(bytes.fromhex("3B 85 81 31 FE 45 80 73 B0 01 40"))
 
 
 @lru_cache(maxsize=32)
@@ -170,64 +166,11 @@ def _build_filesystem(label: str) -> tuple[_DF, _DF]:
     return mf, app
 
 
-# ----------------------------------------------------------------------------- APDU parsing
+# ----------------------------------------------------------------------------- the card
 
 
 class _WrongLength(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class CommandAPDU:
-    """A parsed command APDU (ISO 7816-4 §5.1). ``ne`` is None when there is no Le field."""
-
-    cla: int
-    ins: int
-    p1: int
-    p2: int
-    data: bytes
-    ne: int | None
-    le_is_zero: bool  # Le field present and all zero: "as many as available, up to the max"
-    extended: bool
-
-    @classmethod
-    def parse(cls, raw: bytes) -> CommandAPDU:
-        """Raises ValueError on a malformed APDU."""
-        n = len(raw)
-        if n < 4:
-            raise ValueError("APDU shorter than 4 bytes")
-        cla, ins, p1, p2 = raw[0], raw[1], raw[2], raw[3]
-        if n == 4:  # case 1
-            return cls(cla, ins, p1, p2, b"", None, False, False)
-        if n == 5:  # case 2S
-            le = raw[4]
-            return cls(cla, ins, p1, p2, b"", le or 256, le == 0, False)
-        if raw[4] != 0:  # short Lc
-            lc = raw[4]
-            if n == 5 + lc:  # case 3S
-                return cls(cla, ins, p1, p2, raw[5:], None, False, False)
-            if n == 6 + lc:  # case 4S
-                le = raw[-1]
-                return cls(cla, ins, p1, p2, raw[5:-1], le or 256, le == 0, False)
-            raise ValueError("short Lc does not match the APDU length")
-        # raw[4] == 0 and n >= 6: extended length fields
-        if n == 6:
-            raise ValueError("truncated extended length field")
-        if n == 7:  # case 2E
-            le = (raw[5] << 8) | raw[6]
-            return cls(cla, ins, p1, p2, b"", le or 65536, le == 0, True)
-        lc = (raw[5] << 8) | raw[6]
-        if lc == 0:
-            raise ValueError("extended Lc of 0")
-        if n == 7 + lc:  # case 3E
-            return cls(cla, ins, p1, p2, raw[7:], None, False, True)
-        if n == 9 + lc:  # case 4E
-            le = (raw[-2] << 8) | raw[-1]
-            return cls(cla, ins, p1, p2, raw[7:-2], le or 65536, le == 0, True)
-        raise ValueError("extended Lc does not match the APDU length")
-
-
-# ----------------------------------------------------------------------------- the card
+    """A length the instruction does not accept: answered with 6700."""
 
 
 class SimulatedCard:
