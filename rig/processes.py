@@ -10,7 +10,6 @@ import os
 import select
 import subprocess
 import sys
-from pathlib import Path
 
 # The pyscard test programs, run by name: `[*PROGRAMS, "full", reader]`.
 PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
@@ -59,14 +58,3 @@ def finish(*processes: subprocess.Popen[str]) -> None:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=5)
-
-
-def fingerprint(public_key_file: Path) -> str:
-    """SHA256:... as OpenSSH prints it, from ssh-keygen (not from the code under test)."""
-    out = subprocess.run(
-        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key_file)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return out.split()[1]

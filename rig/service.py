@@ -44,19 +44,21 @@ def wait_until(
     max_interval: float | None = None,
     ignore: tuple[type[BaseException], ...] = (Exception,),
     give_up: Callable[[], None] | None = None,
-) -> None:
+) -> float:
     """Poll ``condition()`` until it is true; TimeoutError naming ``what`` otherwise.
 
     Exceptions of the ``ignore`` types count as false (the last one is named in the timeout).
     ``give_up`` runs after every false round and may raise to end the wait early (a process
-    that died). With ``max_interval`` the interval grows by half each round up to it.
+    that died). With ``max_interval`` the interval grows by half each round up to it. Returns
+    the seconds it took.
     """
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     last_error: BaseException | None = None
     while True:
         try:
             if condition():
-                return
+                return time.monotonic() - start
         except ignore as exc:
             last_error = exc
         if give_up is not None:

@@ -344,3 +344,14 @@ class LoopbackSshd(Service):
             return self.log_path.read_text(errors="replace")
         except (OSError, SshdError):
             return ""
+
+
+def fingerprint(public_key_file: Path) -> str:
+    """SHA256:... as OpenSSH prints it, from ssh-keygen (not from the code under test)."""
+    out = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(public_key_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.split()[1]

@@ -9,7 +9,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import msgpack
@@ -18,18 +17,10 @@ import pytest
 from pcscbridge.testing.rawclient import RawClient
 from rig.bridge_processes import PCSCBRIDGE, Bridge, BridgeProcess
 from rig.pcscd_rig import PcscdRig, run_pcsc_client
+from rig.service import wait_until
 from rig.sshd import free_port
 
 SIM_READERS = ["Sim Reader 00 00", "Sim Reader 01 00"]
-
-
-def wait_until(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.rig

@@ -31,8 +31,9 @@ from pcscbridge.pcsc import ReturnCode
 from rig.bridge_processes import PCSCBRIDGE, Bridge, BridgeProcess
 from rig.pcsc_programs import assert_full_results_match
 from rig.pcscd_rig import PcscdRig, run_pcsc_client
-from rig.processes import PROGRAMS, fingerprint, finish, read_line, spawn_program
-from rig.sshd import LoopbackSshd, free_port, generate_key
+from rig.processes import PROGRAMS, finish, read_line, spawn_program
+from rig.service import wait_until
+from rig.sshd import LoopbackSshd, fingerprint, free_port, generate_key
 
 # The real ~/.ssh and ssh-agent stay away from the host processes too (they inherit HOME).
 pytestmark = [pytest.mark.rig, pytest.mark.usefixtures("private_home")]
@@ -108,18 +109,6 @@ def start_bridge(
     for bridge in bridges:
         # Whatever happened, neither side may have crashed.
         assert "Traceback" not in bridge.logs(), bridge.logs()
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> float:
-    """Poll `condition` until true; returns the seconds it took."""
-    start = time.monotonic()
-    delay = 0.005
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.05)
-    return time.monotonic() - start
 
 
 def readers_are(bridge: Bridge, expected: list[str]) -> Any:

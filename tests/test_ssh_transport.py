@@ -24,8 +24,7 @@ from pcscbridge.transports.ssh import (
     open_ssh_link,
     parse_destination,
 )
-from rig.processes import fingerprint
-from rig.sshd import LoopbackSshd, free_port, generate_key
+from rig.sshd import LoopbackSshd, fingerprint, free_port, generate_key
 
 pytestmark = [
     pytest.mark.skipif(

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import trio
 
-from ..errors import first_leaf
 from ..link.calls import (
     BeginTransaction,
     CardCall,
@@ -46,6 +45,7 @@ from ..pcsclite.messages import (
 )
 from ..pcsclite.readers import LEGACY_TABLE_SLOTS, ReaderEntry, encode_table, legacy_view
 from ..pcsclite.server import ProtocolViolation, Request, ServerConnection, reader_name
+from ..transports.ending import connection_ends_logged
 from .mirror import ReaderMirror, Waiter
 
 log = logging.getLogger("pcscbridge.guest.session")
@@ -146,23 +146,13 @@ class ClientSession:
     # --- I/O -------------------------------------------------------------------------------
     async def run(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                requests_in, requests_out = trio.open_memory_channel[Request](0)
-                nursery.start_soon(self._serve, requests_out)
-                await self._receive(requests_in)
-                nursery.cancel_scope.cancel()
-        except* ProtocolViolation as group:
-            log.warning("client %s: %s; closing the connection", self.name, first_leaf(group))
-        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
-            log.debug("client %s: connection lost: %s", self.name, first_leaf(group))
-        except* Exception as group:
-            # A bug must cost one connection, never the server.
-            log.error(
-                "client %s: internal error; closing the connection",
-                self.name,
-                exc_info=first_leaf(group),
-            )
+            with connection_ends_logged(log, f"client {self.name}"):
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    requests_in, requests_out = trio.open_memory_channel[Request](0)
+                    nursery.start_soon(self._serve, requests_out)
+                    await self._receive(requests_in)
+                    nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):

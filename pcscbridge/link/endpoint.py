@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .. import __version__
-from ..errors import BridgeError, ConnectionLost, first_leaf
+from ..errors import BridgeError, ConnectionLost
 from ..pcsc import ReturnCode
+from ..transports.ending import connection_ends_logged
 from .calls import Call, Ping
 from .protocol import (
     DEFAULT_MAX_MESSAGE,
@@ -102,42 +103,10 @@ class LinkEndpoint:
 
     async def run(self) -> None:
         """Exchange hellos, then serve until the stream ends. Raises nothing for a lost link."""
+        what = f"link with {self.peer_name}"
         try:
-            async with trio.open_nursery() as nursery:
-                await self.send(
-                    Hello(
-                        self.role,
-                        software=f"pcscbridge {__version__}",
-                        max_message_size=self._max_message_size,
-                    )
-                )
-                with trio.fail_after(HELLO_TIMEOUT):
-                    hello = await self._receive_message()
-                self._accept_hello(hello)
-                if self._keepalive:
-                    nursery.start_soon(self._ping_forever, self._keepalive)
-                while (message := await self._receive_message()) is not None:
-                    if isinstance(message, Push) and self._on_push is not None:
-                        # In the receive loop, not a task of its own: pushes are state, and a
-                        # later one must never be applied before an earlier one.
-                        await self._on_push(message)
-                    else:
-                        self._dispatch(message, nursery)
-                nursery.cancel_scope.cancel()
-        except* LinkProtocolError as group:
-            log.warning("link with %s: %s; closing it", self.peer_name, first_leaf(group))
-        except* trio.TooSlowError:
-            log.warning(
-                "link with %s: no hello within %.0f s; closing it", self.peer_name, HELLO_TIMEOUT
-            )
-        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
-            log.info("link with %s lost: %s", self.peer_name, first_leaf(group))
-        except* Exception as group:
-            log.error(
-                "link with %s: internal error; closing it",
-                self.peer_name,
-                exc_info=first_leaf(group),
-            )
+            with connection_ends_logged(log, what, lost_level=logging.INFO, closing="closing it"):
+                await self._run()
         finally:
             self._closed = True
             self._settled.set()
@@ -147,6 +116,31 @@ class LinkEndpoint:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
             log.info("link with %s closed", self.peer_name)
+
+    async def _run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await self.send(
+                Hello(
+                    self.role,
+                    software=f"pcscbridge {__version__}",
+                    max_message_size=self._max_message_size,
+                )
+            )
+            with trio.move_on_after(HELLO_TIMEOUT) as waited:
+                hello = await self._receive_message()
+            if waited.cancelled_caught:
+                raise LinkProtocolError(f"no hello within {HELLO_TIMEOUT:.0f} s")
+            self._accept_hello(hello)
+            if self._keepalive:
+                nursery.start_soon(self._ping_forever, self._keepalive)
+            while (message := await self._receive_message()) is not None:
+                if isinstance(message, Push) and self._on_push is not None:
+                    # In the receive loop, not a task of its own: pushes are state, and a
+                    # later one must never be applied before an earlier one.
+                    await self._on_push(message)
+                else:
+                    self._dispatch(message, nursery)
+            nursery.cancel_scope.cancel()
 
     def _accept_hello(self, hello: Message | None) -> None:
         if not isinstance(hello, Hello) or hello.protocol != LINK_PROTOCOL:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ...errors import SetupError
+
 # kind -> process exit code of the CLI (the lead's `pcscbridge host` exits with these).
 EXIT_CODES: dict[str, int] = {
     "remote_failed": 1,  # the remote command exited some other way before the link started
@@ -18,7 +20,7 @@ EXIT_CODES: dict[str, int] = {
 RETRYABLE_KINDS = frozenset({"resolve", "connect", "no_guest_server", "remote_failed"})
 
 
-class SSHLinkError(Exception):
+class SSHLinkError(SetupError):
     """Opening the SSH link failed. `kind`: a key of EXIT_CODES; `exit_code`: the CLI's status."""
 
     def __init__(self, kind: str, message: str) -> None:
