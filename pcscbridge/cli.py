@@ -282,12 +282,19 @@ def _backend(name: str, sim_readers: int = 2) -> Backend:
     return PyscardBackend()
 
 
+def _checked(core: Service, args: argparse.Namespace) -> Service:
+    """The host service every front-end uses: the core wrapped in the checkpoints the arguments
+    ask for (policy inside, audit outside, so the audit sees the policy's refusals)."""
+    return core
+
+
 async def _host(args: argparse.Namespace) -> int:
     from .host.service import open_host_service
 
     backend = _backend(args.backend, args.sim_readers)
     # Every front-end reaches the backend through this one service; policy and audit wrap it.
-    async with open_host_service(backend) as service:
+    async with open_host_service(backend) as core:
+        service = _checked(core, args)
         if args.ssh:
             return await _host_over_ssh(args, service)
         return await _host_over_link(args, service)
