@@ -26,6 +26,7 @@ from .transports.endpoints import (
 if TYPE_CHECKING:
     from .host.backend import Backend
     from .host.service import Service
+    from .link.endpoint import LinkLimits
 
 log = logging.getLogger("pcscbridge")
 
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         "libpcsclite build (default 16, as Debian and upstream; Fedora builds 48)",
     )
 
+    _add_guest_limits(guest)
+    _add_link_limits(guest)
+
     host = command("host", "On the host: serve the host's readers to a guest.")
     target = host.add_mutually_exclusive_group(required=True)
     target.add_argument(
@@ -156,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the guest server's link endpoint, passed to attach (default: attach's default)",
     )
 
+    _add_host_limits(host)
+    _add_link_limits(host)
+
     attach = command(
         "attach", "In the guest: join stdin/stdout to the guest server's link (run by SSH)."
     )
@@ -169,6 +176,109 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("demo", "Run the whole bridge with simulated readers and show a client using it.")
     return parser
+
+
+def _positive(text: str) -> int:
+    return _bounded_int(text, 1, 1 << 40)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 86400 seconds")
+    return value
+
+
+def _add_guest_limits(parser: argparse.ArgumentParser) -> None:
+    from .guest.server import MAX_CLIENTS
+    from .guest.session import MAX_HANDLES_PER_CONNECTION, UNREAD_LIMIT
+
+    limits = parser.add_argument_group("limits (what one local client may cost)")
+    limits.add_argument(
+        "--max-clients",
+        type=_positive,
+        default=MAX_CLIENTS,
+        metavar="N",
+        help=f"client connections served at once; more are closed at once "
+        f"(default {MAX_CLIENTS}, as pcscd)",
+    )
+    limits.add_argument(
+        "--max-handles",
+        type=_positive,
+        default=MAX_HANDLES_PER_CONNECTION,
+        metavar="N",
+        help=f"card handles per client connection; SCardConnect beyond answers "
+        f"SCARD_E_NO_MEMORY (default {MAX_HANDLES_PER_CONNECTION}, as pcscd)",
+    )
+    limits.add_argument(
+        "--max-unread",
+        type=_positive,
+        default=UNREAD_LIMIT,
+        metavar="BYTES",
+        help=f"replies and event signals a client may leave unread before it is "
+        f"disconnected (default {UNREAD_LIMIT})",
+    )
+
+
+def _add_link_limits(parser: argparse.ArgumentParser) -> None:
+    from .link.endpoint import MAX_IN_FLIGHT, UNREAD_LIMIT, WRITE_TIMEOUT
+
+    limits = parser.add_argument_group("link limits (what the other side may cost)")
+    limits.add_argument(
+        "--link-max-in-flight",
+        type=_positive,
+        default=MAX_IN_FLIGHT,
+        metavar="N",
+        help=f"requests served at once on the link; further ones wait unread "
+        f"(default {MAX_IN_FLIGHT})",
+    )
+    limits.add_argument(
+        "--link-max-unread",
+        type=_positive,
+        default=UNREAD_LIMIT,
+        metavar="BYTES",
+        help=f"bytes the peer may leave unread before the link is closed (default {UNREAD_LIMIT})",
+    )
+    limits.add_argument(
+        "--link-write-timeout",
+        type=_seconds,
+        default=WRITE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long one write may wait for the peer to read before the link is closed "
+        f"(default {WRITE_TIMEOUT:.0f})",
+    )
+
+
+def _add_host_limits(parser: argparse.ArgumentParser) -> None:
+    from .host.service import HostLimits
+
+    defaults = HostLimits()
+    limits = parser.add_argument_group("host limits (what a guest may hold on the host)")
+    limits.add_argument(
+        "--max-guest-contexts",
+        type=_positive,
+        default=defaults.contexts_per_guest,
+        metavar="N",
+        help=f"host PC/SC contexts one guest may hold; a connect beyond answers "
+        f"SCARD_E_NO_MEMORY (default {defaults.contexts_per_guest})",
+    )
+    limits.add_argument(
+        "--max-host-contexts",
+        type=_positive,
+        default=defaults.contexts,
+        metavar="N",
+        help=f"host PC/SC contexts all guests of this process together may hold, so host "
+        f"applications keep room in pcscd (200 clients) (default {defaults.contexts})",
+    )
+
+
+def _link_limits(args: argparse.Namespace) -> LinkLimits:
+    from .link.endpoint import LinkLimits
+
+    return LinkLimits(args.link_max_in_flight, args.link_max_unread, args.link_write_timeout)
 
 
 def configure_logging(verbosity: int) -> None:
@@ -241,7 +351,14 @@ async def _guest(args: argparse.Namespace) -> int:
         print("pcscbridge guest: --listen PATH is required (or socket activation)", file=sys.stderr)
         return EXIT_USAGE
     server = GuestServer(
-        SessionOptions(reader_slots=args.reader_slots, legacy_readers=tuple(args.legacy_readers))
+        SessionOptions(
+            reader_slots=args.reader_slots,
+            legacy_readers=tuple(args.legacy_readers),
+            max_handles=args.max_handles,
+            unread_limit=args.max_unread,
+        ),
+        max_clients=args.max_clients,
+        link_limits=_link_limits(args),
     )
     link: Endpoint = args.link
     created = [] if activated else [args.listen]
@@ -273,7 +390,8 @@ def _backend(name: str, sim_readers: int = 2) -> Backend:
         from .host.backends.sim import SimulatedBackend
         from .host.backends.simcard import SimulatedCard
 
-        backend = SimulatedBackend([f"Sim Reader {index:02X} 00" for index in range(sim_readers)])
+        names = [f"Sim Reader {index:02X} 00" for index in range(sim_readers)]
+        backend = SimulatedBackend(names, no_blocking=True)  # as the pyscard backend
         if sim_readers:
             backend.insert_card("Sim Reader 00 00", SimulatedCard(label="demo card"))
         return backend
@@ -289,11 +407,12 @@ def _checked(core: Service, args: argparse.Namespace) -> Service:
 
 
 async def _host(args: argparse.Namespace) -> int:
-    from .host.service import open_host_service
+    from .host.service import HostLimits, open_host_service
 
     backend = _backend(args.backend, args.sim_readers)
+    limits = HostLimits(args.max_guest_contexts, args.max_host_contexts)
     # Every front-end reaches the backend through this one service; policy and audit wrap it.
-    async with open_host_service(backend) as core:
+    async with open_host_service(backend, limits) as core:
         service = _checked(core, args)
         if args.ssh:
             return await _host_over_ssh(args, service)
@@ -311,7 +430,11 @@ async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
 
     log.info("serving the host's readers (%s) to the guest at %s", args.backend, endpoint)
     await keep_attached(
-        open_link, service, guest=str(endpoint), is_transient=lambda exc: isinstance(exc, OSError)
+        open_link,
+        service,
+        guest=str(endpoint),
+        is_transient=lambda exc: isinstance(exc, OSError),
+        link_limits=_link_limits(args),
     )
     return 0
 
@@ -345,7 +468,13 @@ async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     log.info("serving the host's readers (%s) to %s over SSH", args.backend, args.ssh)
     try:
-        await keep_attached(open_link, service, guest=args.ssh, is_transient=transient)
+        await keep_attached(
+            open_link,
+            service,
+            guest=args.ssh,
+            is_transient=transient,
+            link_limits=_link_limits(args),
+        )
     except SSHLinkError as exc:
         print(f"pcscbridge host: {exc.message}", file=sys.stderr)
         return exc.exit_code

@@ -28,18 +28,37 @@ class BridgeError(RuntimeError):
 class BridgeProcess:
     """One `pcscbridge ...` process with its log in a file."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str],
+        prefix: list[str] | None = None,
+    ) -> None:
+        """`prefix`: a command the process runs under (e.g. `prlimit --nofile=64 --`)."""
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
-            [*PCSCBRIDGE, *argv],
+            [*(prefix or []), *PCSCBRIDGE, *argv],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_kib(self) -> int:
+        """Resident memory now (VmRSS), in KiB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise BridgeError(f"{self.name} has no VmRSS (exited?)")
 
     @property
     def log(self) -> str:
@@ -95,12 +114,23 @@ class Bridge:
     def _flags(self) -> list[str]:
         return ["-v"] if self.verbose else []
 
-    def start_guest(self) -> BridgeProcess:
+    def start_guest(
+        self, extra: list[str] | None = None, prefix: list[str] | None = None
+    ) -> BridgeProcess:
         self.guest = BridgeProcess(
             "guest",
-            ["guest", *self._flags(), "--listen", self.socket_path, "--link", self.link],
+            [
+                "guest",
+                *self._flags(),
+                "--listen",
+                self.socket_path,
+                "--link",
+                self.link,
+                *(extra or []),
+            ],
             self.folder / "guest.log",
             dict(os.environ),
+            prefix,
         )
         _wait_for(lambda: os.path.exists(self.socket_path), 10, "guest socket", self.guest)
         return self.guest

@@ -9,6 +9,7 @@ simulated backend copies (tests/test_backend_sim.py).
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 import time
@@ -188,17 +189,19 @@ def test_transaction_blocks_another_context(pcscd_rig: PcscdRig, worker: Pyscard
     other, _ = worker.call("connect", second, reader, SHARED, T1)
     worker.call("begin_transaction", owner)
     begin = worker.submit("begin_transaction", other)
-    transmit = worker.submit("transmit", other, T1, ECHO_123)
-    assert not begin.done(STILL_BLOCKED)
-    assert not transmit.done()
-    # Not retried by libpcsclite: the violation reaches the caller.
+    assert not begin.done(STILL_BLOCKED)  # libpcsclite retries it in any case
+    # The backend loads libpcsclite with PCSCLITE_NO_BLOCKING: transmit, status and reconnect
+    # hand the violation back at once (the guest's own libpcsclite retries), and control is
+    # never retried.
+    assert rv_of(worker, "transmit", other, T1, ECHO_123) == RC.SCARD_E_SHARING_VIOLATION
+    assert rv_of(worker, "status", other) == RC.SCARD_E_SHARING_VIOLATION
     assert rv_of(worker, "control", other, CM_IOCTL_GET_FEATURE_REQUEST, b"") == (
         RC.SCARD_E_SHARING_VIOLATION
     )
     assert worker.call("transmit", owner, T1, SELECT_APP) == OK
     worker.call("end_transaction", owner, LEAVE)
     begin.result()
-    assert transmit.result() == b"\x01\x02\x03" + OK
+    assert worker.call("transmit", other, T1, ECHO_123) == b"\x01\x02\x03" + OK
     worker.call("end_transaction", other, LEAVE)
     assert rv_of(worker, "end_transaction", other, LEAVE) == RC.SCARD_E_NOT_TRANSACTED
 
@@ -257,6 +260,7 @@ def fake_scard(calls: list[tuple[object, ...]]) -> types.ModuleType:
     )
     scard.SCardTransmit = record("SCardTransmit", [WIN_TIMEOUT, []])
     scard.SCardCancel = record("SCardCancel", 0)
+    scard.SCardReleaseContext = record("SCardReleaseContext", 0)
     return scard
 
 
@@ -266,7 +270,15 @@ def test_results_are_normalised_to_unsigned(monkeypatch: pytest.MonkeyPatch) -> 
     package.scard = fake_scard(calls)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "smartcard", package)
     monkeypatch.setitem(sys.modules, "smartcard.scard", package.scard)  # type: ignore[attr-defined]
+    monkeypatch.delenv("PCSCLITE_NO_BLOCKING", raising=False)
+    seen: list[str | None] = []
+    establish = package.scard.SCardEstablishContext  # type: ignore[attr-defined]
+    package.scard.SCardEstablishContext = lambda *args: (  # type: ignore[attr-defined]
+        seen.append(os.environ.get("PCSCLITE_NO_BLOCKING")) or establish(*args)
+    )
     backend = PyscardBackend()
+    # libpcsclite's first establish (at creation) saw PCSCLITE_NO_BLOCKING; nothing else will.
+    assert seen == ["1"] and "PCSCLITE_NO_BLOCKING" not in os.environ
     assert backend.establish_context() == 7
     (state,) = backend.get_status_change(7, INFINITE, [ReaderState("R", 0xFFFF0010)])
     assert state.event_state == 0xFFFF0022  # counter 0xFFFF, CHANGED | PRESENT

@@ -94,6 +94,24 @@ async def test_cancel_from_another_connection_ends_the_wait(guest: InProcessBrid
     await in_thread(run)
 
 
+async def test_cancel_of_a_context_that_does_not_wait_looks_like_an_unknown_one(
+    guest: InProcessBridge,
+) -> None:
+    """pcscd 1.9.9 (checked on the rig): INVALID_HANDLE unless the context waits, from any
+    connection, its own included; so guessing context numbers tells nothing."""
+
+    def run() -> None:
+        with client(guest) as owner, client(guest) as prober:
+            owner.version()
+            owner.establish()
+            for asking in (prober, owner):
+                reply = asking.request(Command.SCARD_CANCEL, _cancel(owner.h_context))
+                assert reply.rv == ReturnCode.SCARD_E_INVALID_HANDLE
+            assert owner.readers_state() == [None] * 16  # no signal was sent to it
+
+    await in_thread(run)
+
+
 def _cancel(h_context: int):  # type: ignore[no-untyped-def]
     from pcscbridge.pcsclite.messages import CancelBody
 

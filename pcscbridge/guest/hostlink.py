@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from ..link.calls import BadResult, CardCall, Connect, ReleaseContext
-from ..link.endpoint import LinkClosed, LinkEndpoint, MessageTooLarge
+from ..link.endpoint import LinkClosed, LinkEndpoint, LinkLimits, MessageTooLarge
 from ..link.protocol import READERS_TOPIC, Push, decode_readers
 from ..pcsc import PCSCError, ReturnCode
 from .mirror import ReaderMirror
@@ -23,9 +23,16 @@ class HostLink:
     """At most one host is attached at a time. Every change of link starts a new generation:
     card handles opened on an older one are gone (the host released them)."""
 
-    def __init__(self, mirror: ReaderMirror, *, keepalive: float | None = LINK_KEEPALIVE) -> None:
+    def __init__(
+        self,
+        mirror: ReaderMirror,
+        *,
+        keepalive: float | None = LINK_KEEPALIVE,
+        limits: LinkLimits | None = None,
+    ) -> None:
         self.mirror = mirror
         self.keepalive = keepalive
+        self.limits = limits
         self.generation = 0
         self.readers_pushed = trio.Event()  # the attached host has sent its readers
         self._endpoint: LinkEndpoint | None = None
@@ -103,6 +110,7 @@ class HostLink:
                 on_hello=adopt,
                 peer_name=name,
                 keepalive=self.keepalive,
+                limits=self.limits,
             )
             await endpoint.run()
         self._lost(endpoint)

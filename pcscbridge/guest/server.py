@@ -7,6 +7,8 @@ import logging
 
 import trio
 
+from ..link.endpoint import LinkLimits
+from ..transports.accepting import Acceptor
 from .hostlink import LINK_KEEPALIVE, HostLink
 from .mirror import ReaderMirror
 from .registry import HandleRegistry
@@ -14,15 +16,26 @@ from .session import ClientSession, SessionOptions
 
 log = logging.getLogger("pcscbridge.guest")
 
+MAX_CLIENTS = 200  # pcscd's default --max-thread: connections it serves at once
+
 
 class GuestServer:
     def __init__(
-        self, options: SessionOptions | None = None, *, keepalive: float | None = LINK_KEEPALIVE
+        self,
+        options: SessionOptions | None = None,
+        *,
+        keepalive: float | None = LINK_KEEPALIVE,
+        max_clients: int = MAX_CLIENTS,
+        link_limits: LinkLimits | None = None,
     ) -> None:
         self.options = options or SessionOptions()
         self.mirror = ReaderMirror()
         self.registry: HandleRegistry[ClientSession] = HandleRegistry()
-        self.host = HostLink(self.mirror, keepalive=keepalive)
+        self.host = HostLink(self.mirror, keepalive=keepalive, limits=link_limits)
+        self.clients = Acceptor(
+            self._serve_client, what="pcsc-lite clients", log=log, max_connections=max_clients
+        )
+        self.links = Acceptor(self.host.attach, what="host links", log=log)
         self._client_numbers = itertools.count(1)
 
     async def serve(
@@ -40,21 +53,18 @@ class GuestServer:
                 nursery.start_soon(self.host.attach, link_stream)
 
     async def serve_clients(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
-        async with listener, trio.open_nursery() as nursery:
-            while True:
-                stream = await listener.accept()
-                session = ClientSession(
-                    stream,
-                    f"#{next(self._client_numbers)}",
-                    mirror=self.mirror,
-                    registry=self.registry,
-                    host=self.host,
-                    options=self.options,
-                )
-                nursery.start_soon(session.run)
+        await self.clients.serve(listener)
 
     async def serve_links(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
-        async with listener, trio.open_nursery() as nursery:
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(self.host.attach, stream)
+        await self.links.serve(listener)
+
+    async def _serve_client(self, stream: trio.abc.Stream) -> None:
+        session = ClientSession(
+            stream,
+            f"#{next(self._client_numbers)}",
+            mirror=self.mirror,
+            registry=self.registry,
+            host=self.host,
+            options=self.options,
+        )
+        await session.run()

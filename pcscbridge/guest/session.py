@@ -8,7 +8,6 @@ in the small protocols below.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import struct
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from ..pcsclite.messages import (
 from ..pcsclite.readers import LEGACY_TABLE_SLOTS, ReaderEntry, encode_table, legacy_view
 from ..pcsclite.server import ProtocolViolation, Request, ServerConnection, reader_name
 from ..transports.ending import connection_ends_logged
+from ..transports.outbox import Outbox
 from .mirror import ReaderMirror, Waiter
 
 log = logging.getLogger("pcscbridge.guest.session")
@@ -53,6 +53,8 @@ log = logging.getLogger("pcscbridge.guest.session")
 MAX_HANDLES_PER_CONNECTION = 200  # pcscd's --max-card-handle-per-thread default
 HANDLE_MISUSE_DELAY = 2.0  # pcscd sleeps this long before closing on a foreign card handle
 RECEIVE_SIZE = 65536 + 1024
+# Replies and event signals a client has not read yet: beyond this, it does not read at all.
+UNREAD_LIMIT = 256 * 1024
 _SIZE = struct.Struct("=i")
 
 # Commands whose first field is a card handle that must belong to this connection.
@@ -102,6 +104,8 @@ class SessionOptions:
     reader_slots: int = LEGACY_TABLE_SLOTS
     legacy_readers: Sequence[str] = ()
     handle_misuse_delay: float = HANDLE_MISUSE_DELAY
+    max_handles: int = MAX_HANDLES_PER_CONNECTION
+    unread_limit: int = UNREAD_LIMIT
 
     def __post_init__(self) -> None:
         if self.reader_slots < 1:
@@ -140,21 +144,19 @@ class ClientSession:
         self.protocol = ServerConnection()
         self.h_context: int | None = None
         self.cards: dict[int, CardHandle] = {}
-        self._write_lock = trio.Lock()
-        self._nursery: trio.Nursery | None = None
+        self.outbox = Outbox(stream, options.unread_limit)
 
     # --- I/O -------------------------------------------------------------------------------
     async def run(self) -> None:
         try:
             with connection_ends_logged(log, f"client {self.name}"):
                 async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
                     requests_in, requests_out = trio.open_memory_channel[Request](0)
                     nursery.start_soon(self._serve, requests_out)
+                    nursery.start_soon(self.outbox.run)
                     await self._receive(requests_in)
                     nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None
             with trio.CancelScope(shield=True):
                 await self._cleanup()
                 await self.stream.aclose()
@@ -173,18 +175,14 @@ class ClientSession:
                 await self._handle(request)
 
     async def send(self, data: bytes) -> None:
-        async with self._write_lock:
-            await self.stream.send_all(data)
+        await self.outbox.send(data)
 
     def signal(self, rv: int) -> None:
-        """The 8-byte event signal; queued behind any reply being written (FIFO lock)."""
+        """The 8-byte event signal, behind any reply being written; never waits, and is
+        harmless on a connection that is closing."""
         data = self.protocol.signal(rv)
-        if data is not None and self._nursery is not None:
-            self._nursery.start_soon(self._send_quietly, data)
-
-    async def _send_quietly(self, data: bytes) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.send(data)
+        if data is not None:
+            self.outbox.put(data)
 
     # --- dispatch --------------------------------------------------------------------------
     async def _handle(self, request: Request) -> None:
@@ -306,10 +304,12 @@ class ClientSession:
         self.mirror.unregister(self)
 
     def _cancel(self, body: CancelBody) -> CancelBody:
+        # pcscd 1.9.9 answers success only when the context was waiting (and signals it); a
+        # context that exists but does not wait gets INVALID_HANDLE like an unknown one, so the
+        # answer tells nobody which context numbers exist.
         target = self.registry.context_owner(body.h_context)
-        if target is None:
+        if target is None or not self.mirror.cancel(target):
             return body._replace(rv=ReturnCode.SCARD_E_INVALID_HANDLE)
-        self.mirror.cancel(target)
         return body._replace(rv=ReturnCode.SCARD_S_SUCCESS)
 
     # --- cards -----------------------------------------------------------------------------
@@ -321,7 +321,7 @@ class ClientSession:
         reader = reader_name(body)
         if self.mirror.find(reader) is None:
             return body._replace(rv=ReturnCode.SCARD_E_UNKNOWN_READER)
-        if len(self.cards) >= MAX_HANDLES_PER_CONNECTION:
+        if len(self.cards) >= self.options.max_handles:
             return body._replace(rv=ReturnCode.SCARD_E_NO_MEMORY)
         h_card = self.registry.add_card()
         generation = self.host.generation

@@ -12,7 +12,7 @@ import logging
 import trio
 
 from ..link.calls import InvalidCall
-from ..link.endpoint import LinkEndpoint
+from ..link.endpoint import LinkEndpoint, LinkLimits
 from ..link.protocol import Request, Response, readers_push
 from ..pcsc import PCSCError, ReaderStatus, ReturnCode, State, rv_name
 from ..pcsclite.readers import ReaderEntry
@@ -25,9 +25,12 @@ log = logging.getLogger("pcscbridge.host")
 class HostAgent:
     """Serves one link for one guest. Create one per link; the service is shared."""
 
-    def __init__(self, service: Service, *, guest: str = "guest") -> None:
+    def __init__(
+        self, service: Service, *, guest: str = "guest", link_limits: LinkLimits | None = None
+    ) -> None:
         self.service = service
         self.guest = guest
+        self.link_limits = link_limits
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         """Serve the link until it ends, then release everything the guest held."""
@@ -37,6 +40,7 @@ class HostAgent:
             "host",
             on_request=lambda request: self._serve(session, request),
             peer_name=self.guest,
+            limits=self.link_limits,
         )
         try:
             async with trio.open_nursery() as nursery:

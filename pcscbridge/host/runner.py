@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ..link.endpoint import LinkLimits
 from .agent import HostAgent
 from .service import Service
 
@@ -35,6 +36,7 @@ async def keep_attached(
     *,
     guest: str,
     is_transient: Callable[[Exception], bool],
+    link_limits: LinkLimits | None = None,
 ) -> None:
     """Run until cancelled. Errors `is_transient` rejects are raised to the caller."""
     backoff = Backoff()
@@ -49,7 +51,7 @@ async def keep_attached(
             await trio.sleep(delay)
             continue
         started = trio.current_time()
-        await HostAgent(service, guest=guest).serve(stream)
+        await HostAgent(service, guest=guest, link_limits=link_limits).serve(stream)
         if trio.current_time() - started > STABLE_AFTER:
             backoff.reset()
         delay = backoff.next()

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,6 +83,40 @@ class HostContext:
     worker: ContextWorker
     context: Context | None = None  # established by the first call that needs it
     cards: set[int] = field(default_factory=set)
+    # Establishing and releasing happen in different threads: a release may not wait for a
+    # call blocked on the context's own thread (that is what ends such a call).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    released: bool = False
+
+    def establish(self, backend: Backend) -> Context:
+        """In a worker thread: the host context, established on first use."""
+        with self.lock:
+            if self.released:
+                raise PCSCError(ReturnCode.SCARD_E_INVALID_HANDLE, "context released")
+            if self.context is None:
+                self.context = backend.establish_context()
+            return self.context
+
+    def release(self, backend: Backend) -> None:
+        """In any thread, any number of times: the host context is released once."""
+        with self.lock:
+            self.released = True
+            context, self.context = self.context, None
+        if context is not None:
+            try:
+                backend.release_context(context)
+            except PCSCError as exc:
+                log.debug("release_context: %s", exc)
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """What guests may hold on the host, so that host applications always find room in the
+    host's PC/SC service (pcscd serves 200 clients; every host context is one)."""
+
+    contexts_per_guest: int = 64
+    contexts: int = 128  # all guests together
+    handles_per_context: int = 200  # pcscd's --max-card-handle-per-thread
 
 
 @dataclass(eq=False)
@@ -95,10 +130,13 @@ class HostCard:
 class HostService:
     """The core service; run `run()` in a nursery for the life of the program (the watcher)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, limits: HostLimits | None = None) -> None:
         self.backend = backend
+        self.limits = limits or HostLimits()
         self.readers = ReaderBoard()
+        self.host_contexts = 0  # open now, all sessions together
         self._workers: set[ContextWorker] = set()
+        self._releasers: set[threading.Thread] = set()
         self._worker_names = itertools.count(1)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -117,29 +155,42 @@ class HostService:
         self._workers.add(worker)
         return worker
 
+    def release_now(self, context: HostContext) -> None:
+        """Release a host context in a thread of its own, not behind a call blocked on the
+        context's thread: releasing is what ends a wait for another application's transaction
+        (libpcsclite frees the context between its retries)."""
+        self._releasers = {thread for thread in self._releasers if thread.is_alive()}
+        thread = threading.Thread(
+            target=context.release, args=(self.backend,), name="pcsc-release", daemon=True
+        )
+        self._releasers.add(thread)
+        thread.start()
+
     async def aclose(self) -> None:
         """Every worker ends after its queued calls (releases, mostly); wait a little for them.
         Call it after the front-ends have closed their sessions."""
         workers = [worker for worker in self._workers if worker.alive]
         for worker in workers:
             worker.close()
-        if workers:
-            await trio.to_thread.run_sync(_join_all, workers, RELEASE_GRACE)
+        threads = [worker.join for worker in workers]
+        threads += [thread.join for thread in self._releasers if thread.is_alive()]
+        if threads:
+            await trio.to_thread.run_sync(_join_all, threads, RELEASE_GRACE)
 
 
-def _join_all(workers: list[ContextWorker], timeout: float) -> None:
+def _join_all(joins: list[Callable[[float], object]], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    for worker in workers:
-        if not worker.join(max(deadline - time.monotonic(), 0)):
-            log.warning("a host PC/SC call is still blocked; not waiting for it")
-            return
+    for join in joins:
+        join(max(deadline - time.monotonic(), 0))
 
 
 @asynccontextmanager
-async def open_host_service(backend: Backend) -> AsyncIterator[HostService]:
+async def open_host_service(
+    backend: Backend, limits: HostLimits | None = None
+) -> AsyncIterator[HostService]:
     """A running HostService (its watcher in a nursery of its own) for the `async with` body;
     run the front-ends inside the body, so their sessions end before the service does."""
-    service = HostService(backend)
+    service = HostService(backend, limits)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
@@ -231,13 +282,10 @@ class HostSession:
         if "\0" in call.reader:
             # PC/SC names end at the first NUL: "name\0junk" is not "name".
             raise PCSCError(ReturnCode.SCARD_E_UNKNOWN_READER, "NUL in the reader name")
-        context = self._contexts.get(call.h_context)
-        if context is None:
-            context = self._contexts[call.h_context] = HostContext(self._service.new_worker())
-        if any(
-            self._cards[h].reader == call.reader and self._cards[h].in_transaction
-            for h in context.cards
-        ):
+        context = self._contexts.get(call.h_context) or self._new_context(call.h_context)
+        if len(context.cards) >= self._service.limits.handles_per_context:
+            raise PCSCError(ReturnCode.SCARD_E_NO_MEMORY, "too many card handles on a context")
+        if self._transaction_holder(context, call.reader) is not None:
             # pcscd would hold this connect behind the context's own transaction forever, and
             # keep the reader stuck even after the client is gone. Refuse instead.
             raise PCSCError(ReturnCode.SCARD_E_SHARING_VIOLATION, "own transaction is active")
@@ -256,16 +304,45 @@ class HostSession:
             raise
         return protocol
 
+    def _new_context(self, h_context: int) -> HostContext:
+        limits = self._service.limits
+        if len(self._contexts) >= limits.contexts_per_guest:
+            log.warning(
+                "%s holds %d host contexts already; refusing more", self.guest, len(self._contexts)
+            )
+            raise PCSCError(ReturnCode.SCARD_E_NO_MEMORY, "too many host contexts for this guest")
+        if self._service.host_contexts >= limits.contexts:
+            log.warning("guests hold %d host contexts already; refusing more", limits.contexts)
+            raise PCSCError(ReturnCode.SCARD_E_NO_MEMORY, "too many host contexts")
+        self._service.host_contexts += 1
+        context = self._contexts[h_context] = HostContext(self._service.new_worker())
+        return context
+
     def _connect_blocking(
         self, context: HostContext, reader: str, share_mode: int, protocols: int
     ) -> tuple[Card, int]:
-        if context.context is None:
-            context.context = self._backend.establish_context()
-        return self._backend.connect(context.context, reader, share_mode, protocols)
+        return self._backend.connect(
+            context.establish(self._backend), reader, share_mode, protocols
+        )
+
+    def _transaction_holder(self, context: HostContext, reader: str) -> int | None:
+        """A card handle of this context holding a transaction on `reader`, if one does."""
+        for h_card in context.cards:
+            card = self._cards[h_card]
+            if card.reader == reader and card.in_transaction:
+                return h_card
+        return None
 
     async def _on_card(self, h_card: int, method: Any, *args: Any) -> Any:
         card = self._card(h_card)
         context = self._contexts[card.h_context]
+        holder = self._transaction_holder(context, card.reader)
+        if holder is not None and holder != h_card:
+            # Another handle of this very context holds the reader's transaction. pcscd answers
+            # a sharing violation at once and the guest's libpcsclite retries with its context
+            # free, so the holder can end it; a host call waiting here would keep the guest's
+            # context locked forever.
+            raise PCSCError(ReturnCode.SCARD_E_SHARING_VIOLATION, "own context's transaction")
         return await context.worker.run(method, card.card, *args)
 
     def _card(self, h_card: int) -> HostCard:
@@ -284,18 +361,17 @@ class HostSession:
     def _release(self, h_context: int) -> None:
         """Releasing the PC/SC context makes the host's stack do what pcscd does for a client
         that goes away: handles are left as they are, but a transaction still held ends with a
-        card reset. It runs on the context's thread after the calls already queued there (one
-        may be blocked behind another application), so nobody waits for it."""
+        card reset. Nobody waits for it: it runs at once in a thread of its own, not behind a
+        call under way on the context's thread (releasing is what ends a wait for another
+        application's transaction), and again on that thread after the calls queued there (a
+        connect under way may establish the context first); the second one finds it done."""
         context = self._contexts.pop(h_context, None)
         if context is None:
             return
+        self._service.host_contexts -= 1
         for h_card in context.cards:
             self._cards.pop(h_card, None)
         context.cards.clear()
-        context.worker.submit(self._release_blocking, context)
+        self._service.release_now(context)
+        context.worker.submit(context.release, self._backend)
         context.worker.close()  # the thread ends after the release
-
-    def _release_blocking(self, context: HostContext) -> None:
-        if context.context is not None:
-            self._backend.release_context(context.context)
-            context.context = None

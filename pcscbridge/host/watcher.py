@@ -22,8 +22,8 @@ log = logging.getLogger("pcscbridge.host.watcher")
 Publish = Callable[[tuple[HostReader, ...]], None]
 RETRY_DELAY = 1.0
 # Waits end by themselves this often, so a wait whose cancel got lost cannot hold its context
-# for long.
-WAIT_SLICE_MS = 2000
+# for long, and the host applications' use of a card (which wakes no wait) shows this soon.
+WAIT_SLICE_MS = 1000
 # libpcsclite 1.9.9 refuses more reader states in one SCardGetStatusChange (2.5 does not).
 MAX_STATES_PER_CALL = 16
 CANCEL_RETRY = 0.02  # seconds between cancels of a wait that has not ended yet
@@ -53,19 +53,28 @@ async def _watch_with_context(
     try:
         known: dict[str, ReaderState] = {}
         pnp = ReaderState(PNP_NOTIFICATION)
+        refresh = False
         while True:
             names = await trio.to_thread.run_sync(
                 _list_readers, backend, contexts[0], limiter=limiter
             )
-            # A reader not seen yet is asked with UNAWARE, so the wait returns at once with it.
-            states = [known.get(name) or ReaderState(name) for name in names]
+            # A reader not seen yet is asked with UNAWARE, so the wait returns at once with it;
+            # after a quiet slice every reader is: libpcsclite does not count another
+            # application's connect as a change (free -> INUSE or EXCLUSIVE), so that is how
+            # the guest comes to see the host's own use of a card.
+            states = [
+                ReaderState(name) if refresh else known.get(name) or ReaderState(name)
+                for name in names
+            ]
             publish(tuple(_host_reader(known[name]) for name in names if name in known))
             groups = _groups(_next_round([pnp, *states]))
             while len(contexts) < len(groups):
                 contexts.append(
                     await trio.to_thread.run_sync(backend.establish_context, limiter=limiter)
                 )
-            for state in await _wait_for_a_change(backend, contexts, groups, limiter):
+            reported = await _wait_for_a_change(backend, contexts, groups, limiter)
+            refresh = not reported
+            for state in reported:
                 if state.reader == PNP_NOTIFICATION:
                     pnp = state
                 else:

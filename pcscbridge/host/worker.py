@@ -7,7 +7,8 @@ transaction held by another application) blocks only its own context's thread.
 Cancellation: a trio task waiting for a call can always be cancelled at once. A call that has
 not started yet is then skipped; one already running in the thread cannot be interrupted, so
 its result is dropped when it comes. Whatever it left behind (a handle, a transaction) belongs
-to the context, and the context's release, queued behind it, ends it.
+to the context, and releasing the context ends it (host/service.py releases from another
+thread, which also ends a call waiting for another application's transaction).
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ class ContextWorker:
         self._token = trio.lowlevel.current_trio_token()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
-        self.busy = False  # a call is running in the thread now
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """Run `function(*args)` in the thread after the calls queued before it."""
@@ -91,9 +91,7 @@ class ContextWorker:
         while (job := self._jobs.get()) is not None:
             if job.abandoned:
                 continue  # cancelled before it started
-            self.busy = True
             result = outcome.capture(job.function, *job.args)
-            self.busy = False
             if job.token is not None:
                 try:
                     job.token.run_sync_soon(job.deliver, result)

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -17,6 +18,7 @@ from .. import __version__
 from ..errors import BridgeError, ConnectionLost
 from ..pcsc import ReturnCode
 from ..transports.ending import connection_ends_logged
+from ..transports.outbox import Outbox
 from .calls import Call, Ping
 from .protocol import (
     DEFAULT_MAX_MESSAGE,
@@ -35,6 +37,9 @@ log = logging.getLogger("pcscbridge.link")
 
 HELLO_TIMEOUT = 10.0
 RECEIVE_SIZE = 65536
+MAX_IN_FLIGHT = 256  # requests served at once; beyond, the peer's next ones wait unread
+UNREAD_LIMIT = 4 << 20  # bytes the peer may leave unread before the link is closed
+WRITE_TIMEOUT = 30.0  # seconds one write may wait for the peer to read
 RequestHandler = Callable[[Request], Awaitable[Response]]
 PushHandler = Callable[[Push], Awaitable[None]]  # must not block: it runs in the receive loop
 HelloHandler = Callable[[Hello], None]  # runs before any later message is looked at
@@ -46,6 +51,13 @@ class LinkClosed(ConnectionLost):
 
 class MessageTooLarge(BridgeError):
     """A request larger than the peer accepts (its hello's max_message_size); never sent."""
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    in_flight: int = MAX_IN_FLIGHT
+    unread: int = UNREAD_LIMIT
+    write_timeout: float = WRITE_TIMEOUT
 
 
 class _Pending:
@@ -72,6 +84,7 @@ class LinkEndpoint:
         peer_name: str = "peer",
         keepalive: float | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE,
+        limits: LinkLimits | None = None,
     ) -> None:
         self.stream = stream
         self.role = role
@@ -82,7 +95,9 @@ class LinkEndpoint:
         self._on_hello = on_hello
         self._max_message_size = max_message_size
         self._connection = LinkConnection(max_message_size)
-        self._send_lock = trio.Lock()
+        self.limits = limits or LinkLimits()
+        self._outbox = Outbox(stream, self.limits.unread, self.limits.write_timeout)
+        self._in_flight = trio.Semaphore(self.limits.in_flight)
         self._ids = itertools.count(1)
         self._waiting: dict[int, _Pending] = {}
         self._closed = False
@@ -119,6 +134,7 @@ class LinkEndpoint:
 
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._outbox.run)
             await self.send(
                 Hello(
                     self.role,
@@ -139,7 +155,7 @@ class LinkEndpoint:
                     # later one must never be applied before an earlier one.
                     await self._on_push(message)
                 else:
-                    self._dispatch(message, nursery)
+                    await self._dispatch(message, nursery)
             nursery.cancel_scope.cancel()
 
     def _accept_hello(self, hello: Message | None) -> None:
@@ -182,7 +198,7 @@ class LinkEndpoint:
             self._connection.receive_data(data)
         return message
 
-    def _dispatch(self, message: Message, nursery: trio.Nursery) -> None:
+    async def _dispatch(self, message: Message, nursery: trio.Nursery) -> None:
         match message:
             case Response():
                 pending = self._waiting.pop(message.id, None)
@@ -192,6 +208,7 @@ class LinkEndpoint:
                 pending.response = message
                 pending.done.set()
             case Request() if self._on_request is not None:
+                await self._in_flight.acquire()  # a flooding peer waits, unread
                 nursery.start_soon(self._serve_request, message)
             case _:
                 kind = type(message).__name__
@@ -200,12 +217,15 @@ class LinkEndpoint:
     async def _serve_request(self, request: Request) -> None:
         assert self._on_request is not None
         try:
-            response = await self._on_request(request)
-        except Exception:
-            log.exception("serving %r from %s failed", request.call, self.peer_name)
-            response = Response(request.id, ReturnCode.SCARD_F_INTERNAL_ERROR)
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.send(response)
+            try:
+                response = await self._on_request(request)
+            except Exception:
+                log.exception("serving %r from %s failed", request.call, self.peer_name)
+                response = Response(request.id, ReturnCode.SCARD_F_INTERNAL_ERROR)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.send(response)
+        finally:
+            self._in_flight.release()
 
     async def send(self, message: Message) -> None:
         frame = encode(message)  # the whole message leaves in one send
@@ -216,8 +236,7 @@ class LinkEndpoint:
                 frame = encode(Response(message.id, ReturnCode.SCARD_E_INSUFFICIENT_BUFFER))
             else:
                 raise MessageTooLarge(f"a message of {len(frame)} bytes exceeds the peer's {limit}")
-        async with self._send_lock:
-            await self.stream.send_all(frame)
+        await self._outbox.send(frame)
 
     async def call(self, call: Call) -> Response:
         """Send a request and wait for its response (any return code); LinkClosed when the

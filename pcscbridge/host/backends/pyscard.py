@@ -8,6 +8,14 @@ pcscd, and pyscard dlopens libpcsclite when `smartcard.scard` is imported. Set t
 before the first PyscardBackend is created; one process reaches one pcscd. This module imports
 pyscard only inside PyscardBackend(), so importing it loads nothing.
 
+Sharing violations: libpcsclite retries SCardTransmit, SCardStatus and SCardReconnect every
+100 ms while another handle holds the reader's transaction, unless PCSCLITE_NO_BLOCKING is set
+when it loads. The host sets it: the violation then goes back to the guest, whose own
+libpcsclite retries with its context free in between, exactly as a direct client does (two
+threads of one guest context, one holding a transaction, no longer deadlock on the host).
+SCardBeginTransaction retries in any case, releasing its context between tries, so releasing
+the context from another thread ends it.
+
 Blocking: pyscard releases the GIL around every SCard* call (SWIG %exception with
 Py_BEGIN_ALLOW_THREADS; checked in tests/test_backend_pyscard.py), so a call blocked in
 SCardGetStatusChange or SCardBeginTransaction in one worker thread does not stall the others.
@@ -17,6 +25,7 @@ on that context (connect, transmit on its handles, release) waits too; SCardCanc
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ...pcsc import PCSCError, Protocol, ReturnCode
@@ -37,6 +46,8 @@ class PyscardBackend:
     def __init__(self) -> None:
         # Loads libpcsclite (or winscard.dll / PCSC.framework) now, not at module import.
         from smartcard import scard
+
+        _first_context_without_blocking(scard)
 
         self._scard: Any = scard
         # pyscard's SCardTransmit takes the PCI as the protocol number (SCARD_PCI_T0 == 1...).
@@ -144,3 +155,20 @@ class PyscardBackend:
         if not values:
             return None
         return values[0] if len(values) == 1 else values
+
+
+def _first_context_without_blocking(scard: Any) -> None:
+    """libpcsclite reads PCSCLITE_NO_BLOCKING once, in the process's first
+    SCardEstablishContext (whether or not pcscd answers). Set it for that call only, so the
+    processes the host starts (an SSH ProxyCommand, ...) do not inherit it."""
+    previous = os.environ.get("PCSCLITE_NO_BLOCKING")
+    os.environ["PCSCLITE_NO_BLOCKING"] = "1"
+    try:
+        rv, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        if rv == 0:
+            scard.SCardReleaseContext(context)
+    finally:
+        if previous is None:
+            del os.environ["PCSCLITE_NO_BLOCKING"]
+        else:
+            os.environ["PCSCLITE_NO_BLOCKING"] = previous

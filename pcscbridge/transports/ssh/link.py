@@ -174,7 +174,8 @@ class SSHLink(trio.abc.HalfCloseableStream):
         elif error is not None:
             detail = f": {str(error) or type(error).__name__}"
         else:
-            detail = ""
+            # The channel went before paramiko recorded why (it closes channels first).
+            detail = ": the connection closed"
         return f"SSH connection to {self.peer} lost{detail}"
 
     # --- sending

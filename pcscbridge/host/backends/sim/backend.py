@@ -14,6 +14,9 @@ Blocking follows the real stack, with one Condition instead of pcsc-lite's polli
     handle holds the transaction, keeping their context busy (as libpcsclite does).
   * Calls on one context are serialised, as libpcsclite's per-context mutex does: a
     get_status_change in progress delays every other call on its context but cancel().
+  * `no_blocking=True` is libpcsclite with PCSCLITE_NO_BLOCKING set (what the host agent
+    uses): transmit, status and reconnect return SCARD_E_SHARING_VIOLATION at once instead of
+    retrying; begin_transaction retries all the same, as in libpcsclite.
 
 Deviation from pcsc-lite 1.9.9 (deliberate): close() ends waits with SCARD_F_COMM_ERROR and
 later calls get SCARD_E_NO_SERVICE, as libpcsclite reports a daemon that went away.
@@ -58,7 +61,8 @@ class SimulatedBackend:
 
     name = "sim"
 
-    def __init__(self, readers: Iterable[str] = ()) -> None:
+    def __init__(self, readers: Iterable[str] = (), *, no_blocking: bool = False) -> None:
+        self._retry_shared = not no_blocking  # libpcsclite's sharing_shall_block
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # every state change notifies it
         # Separate, so counting a blocked call does not wake the blocked calls themselves.
@@ -187,7 +191,7 @@ class SimulatedBackend:
         def attempt(handle: Handle) -> int:
             return self._daemon.reconnect(handle, share_mode, preferred_protocols, initialization)
 
-        return self._handle_call(card, attempt, retry_on_sharing_violation=True)
+        return self._handle_call(card, attempt, retry_on_sharing_violation=self._retry_shared)
 
     def disconnect(self, card: int, disposition: int) -> None:
         def attempt(handle: Handle) -> None:
@@ -204,7 +208,9 @@ class SimulatedBackend:
         self._handle_call(card, lambda handle: self._daemon.end_transaction(handle, disposition))
 
     def status(self, card: int) -> CardStatus:
-        return self._handle_call(card, self._daemon.status, retry_on_sharing_violation=True)
+        return self._handle_call(
+            card, self._daemon.status, retry_on_sharing_violation=self._retry_shared
+        )
 
     def transmit(self, card: int, protocol: int, command: bytes) -> bytes:
         if len(command) > MAX_BUFFER_SIZE_EXTENDED:
@@ -218,7 +224,7 @@ class SimulatedBackend:
                 self._block(deadline - time.monotonic())
             return response
 
-        return self._handle_call(card, attempt, retry_on_sharing_violation=True)
+        return self._handle_call(card, attempt, retry_on_sharing_violation=self._retry_shared)
 
     def control(self, card: int, control_code: int, data: bytes) -> bytes:
         if len(data) > MAX_BUFFER_SIZE_EXTENDED:
