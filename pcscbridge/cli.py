@@ -11,11 +11,12 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import __version__
+from .errors import SetupError
 from .transports.endpoints import (
     Endpoint,
     EndpointError,
@@ -25,6 +26,7 @@ from .transports.endpoints import (
 
 if TYPE_CHECKING:
     from .host.backend import Backend
+    from .host.runner import LinkKeeper
     from .host.service import Service
     from .link.endpoint import LinkLimits
 
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_guest_limits(guest)
     _add_link_limits(guest)
+    _add_status_socket(guest, "guest")
 
     host = command("host", "On the host: serve the host's readers to a guest.")
     target = host.add_mutually_exclusive_group(required=True)
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_host_limits(host)
     _add_link_limits(host)
+    _add_status_socket(host, "host")
 
     attach = command(
         "attach", "In the guest: join stdin/stdout to the guest server's link (run by SSH)."
@@ -173,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         help=f"the guest server's link endpoint (default {default_link})",
     )
+
+    status = command("status", "Show what a running guest or host holds and has done.")
+    status.add_argument(
+        "--socket",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a status socket to ask (repeatable; default: the guest's and the host's default "
+        "sockets, whichever answer)",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw JSON documents")
 
     command("demo", "Run the whole bridge with simulated readers and show a client using it.")
     return parser
@@ -275,6 +290,17 @@ def _add_host_limits(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_status_socket(parser: argparse.ArgumentParser, role: str) -> None:
+    from .status import default_status_path
+
+    parser.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        help=f"where `pcscbridge status` asks this process (mode 0600; default "
+        f"{default_status_path(role)})",
+    )
+
+
 def _link_limits(args: argparse.Namespace) -> LinkLimits:
     from .link.endpoint import LinkLimits
 
@@ -301,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_until_stopped, _host, args)
         if args.command == "attach":
             return trio.run(_attach, args)
+        if args.command == "status":
+            return _status(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -368,15 +396,17 @@ async def _guest(args: argparse.Namespace) -> int:
         link,
     )
     try:
-        if link.kind == "stdio":
-            await server.serve(client_listener, link_stream=await connect(link))
-        elif len(activated) > 1:
-            await server.serve(client_listener, link_listener=activated[1])
-        else:
-            link_listener = await open_listener(link)
-            if link.kind == "unix":
-                created.append(link.path)
-            await server.serve(client_listener, link_listener=link_listener)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve_status, args, "guest", {"guest": server.statistics})
+            if link.kind == "stdio":
+                await server.serve(client_listener, link_stream=await connect(link))
+            elif len(activated) > 1:
+                await server.serve(client_listener, link_listener=activated[1])
+            else:
+                link_listener = await open_listener(link)
+                if link.kind == "unix":
+                    created.append(link.path)
+                await server.serve(client_listener, link_listener=link_listener)
     finally:
         # pcscd removes its socket on exit; so do we, for both our sockets.
         for path in created:
@@ -419,8 +449,37 @@ async def _host(args: argparse.Namespace) -> int:
         return await _host_over_link(args, service)
 
 
+async def _serve_status(args: argparse.Namespace, role: str, providers: dict[str, Any]) -> None:
+    from .status import default_status_path, serve_status
+
+    await serve_status(args.status_socket or default_status_path(role), role, providers)
+
+
+async def _keep_attached(args: argparse.Namespace, service: Service, keeper: LinkKeeper) -> None:
+    """The host's link front-end and its status socket, until the keeper gives up (its
+    SetupError is raised as it is, not in a group)."""
+    failure: SetupError | None = None
+    async with trio.open_nursery() as nursery:
+        providers = {"link": keeper.statistics, "service": _core(service).statistics}
+        nursery.start_soon(_serve_status, args, "host", providers)
+        try:
+            await keeper.run()
+        except SetupError as exc:
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+def _core(service: Any) -> Any:
+    """The HostService inside the checkpoints that wrap it."""
+    while hasattr(service, "inner"):
+        service = service.inner
+    return service
+
+
 async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
-    from .host.runner import keep_attached
+    from .host.runner import LinkKeeper
     from .transports.endpoints import connect
 
     endpoint: Endpoint = args.connect
@@ -429,18 +488,19 @@ async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
         return await connect(endpoint)
 
     log.info("serving the host's readers (%s) to the guest at %s", args.backend, endpoint)
-    await keep_attached(
+    keeper = LinkKeeper(
         open_link,
         service,
         guest=str(endpoint),
         is_transient=lambda exc: isinstance(exc, OSError),
         link_limits=_link_limits(args),
     )
+    await _keep_attached(args, service, keeper)
     return 0
 
 
 async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
-    from .host.runner import keep_attached
+    from .host.runner import LinkKeeper
     from .transports.ssh import SSHLinkError, SSHTarget, open_ssh_link
 
     command = f"{shlex.quote(args.remote_pcscbridge)} attach"
@@ -467,18 +527,60 @@ async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
         # reports in one line. -v shows them.
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     log.info("serving the host's readers (%s) to %s over SSH", args.backend, args.ssh)
+    keeper = LinkKeeper(
+        open_link,
+        service,
+        guest=args.ssh,
+        is_transient=transient,
+        link_limits=_link_limits(args),
+    )
     try:
-        await keep_attached(
-            open_link,
-            service,
-            guest=args.ssh,
-            is_transient=transient,
-            link_limits=_link_limits(args),
-        )
+        await _keep_attached(args, service, keeper)
     except SSHLinkError as exc:
         print(f"pcscbridge host: {exc.message}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from .status import default_status_path, read_status
+
+    explicit = bool(args.socket)
+    paths = args.socket or [default_status_path("guest"), default_status_path("host")]
+    answered = 0
+    for path in paths:
+        try:
+            document = read_status(path)
+        except (OSError, ValueError) as exc:
+            if explicit:
+                print(f"pcscbridge status: nothing answers at {path} ({exc})", file=sys.stderr)
+            continue
+        answered += 1
+        if args.json:
+            print(json.dumps(document))
+        else:
+            print(f"{document.get('role', '?')} at {path}")
+            _print_tree(document, "  ")
+    if not answered:
+        if not explicit:
+            print(
+                f"pcscbridge status: no guest or host is running here (asked {', '.join(paths)})",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
+def _print_tree(value: object, indent: str) -> None:
+    assert isinstance(value, dict)
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            print(f"{indent}{key}:")
+            _print_tree(item, indent + "  ")
+        else:
+            print(f"{indent}{key}: {item}")
 
 
 async def _attach(args: argparse.Namespace) -> int:

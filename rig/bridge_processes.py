@@ -13,7 +13,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from pcscbridge.status import read_status
 from pcscbridge.testing.rawclient import RawClient
 from rig.pcscd_rig import pcsc_client_env
 from rig.service import wait_until
@@ -107,6 +109,13 @@ class Bridge:
         self.guest: BridgeProcess | None = None
         self.host: BridgeProcess | None = None
 
+    def status_socket(self, role: str) -> str:
+        return str(self.folder / f"{role}.status")
+
+    def status(self, role: str) -> dict[str, Any]:
+        """What `pcscbridge status` shows for the guest or the host process."""
+        return read_status(self.status_socket(role))
+
     @property
     def client_env(self) -> dict[str, str]:
         return pcsc_client_env(self.socket_path)
@@ -126,6 +135,8 @@ class Bridge:
                 self.socket_path,
                 "--link",
                 self.link,
+                "--status-socket",
+                self.status_socket("guest"),
                 *(extra or []),
             ],
             self.folder / "guest.log",
@@ -148,6 +159,8 @@ class Bridge:
                 self.link,
                 "--backend",
                 self.backend,
+                "--status-socket",
+                self.status_socket("host"),
                 *(extra or []),
             ],
             self.folder / "host.log",

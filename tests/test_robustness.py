@@ -253,6 +253,18 @@ def test_a_guest_app_killed_while_holding_a_transaction_frees_the_card_for_the_h
         rv, seconds = taken.stdout.split()
         assert int(rv) == 0, (taken, bridge.logs())
         assert float(seconds) < 2.0, (taken, bridge.logs())
+        # Nothing of the dead app is left on either side.
+        wait_until(lambda: nothing_held(bridge), 10, "the guest's resources gone")
+
+
+def nothing_held(bridge: Bridge) -> bool:
+    guest, host = bridge.status("guest")["guest"], bridge.status("host")["service"]
+    return (guest["contexts"], guest["card_handles"]) == (0, 0) and (
+        host["host_contexts"],
+        host["card_handles"],
+        host["transactions_held"],
+        host["context_threads"],
+    ) == (0, 0, 0, 0)
 
 
 # --- finding 7: the host's own use of a card ---------------------------------------------------

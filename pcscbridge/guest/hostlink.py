@@ -39,6 +39,15 @@ class HostLink:
         self._contexts_on_link: set[int] = set()  # guest contexts the host knows
         self._numbers = itertools.count(1)
 
+    def statistics(self) -> dict[str, object]:
+        endpoint = self._endpoint
+        return {
+            "attached": endpoint is not None,
+            "generation": self.generation,
+            "contexts_on_link": len(self._contexts_on_link),
+            **(endpoint.statistics() if endpoint is not None else {}),
+        }
+
     @property
     def endpoint(self) -> LinkEndpoint | None:
         """The attached host's link, if one is."""

@@ -8,6 +8,7 @@ import logging
 import trio
 
 from ..link.endpoint import LinkLimits
+from ..stats import CallStats
 from ..transports.accepting import Acceptor
 from .hostlink import LINK_KEEPALIVE, HostLink
 from .mirror import ReaderMirror
@@ -36,7 +37,20 @@ class GuestServer:
             self._serve_client, what="pcsc-lite clients", log=log, max_connections=max_clients
         )
         self.links = Acceptor(self.host.attach, what="host links", log=log)
+        self.calls = CallStats()
         self._client_numbers = itertools.count(1)
+
+    def statistics(self) -> dict[str, object]:
+        """A snapshot of what the server holds and has done (for `pcscbridge status`)."""
+        return {
+            "clients": vars(self.clients.statistics()),
+            "contexts": self.registry.context_count,
+            "card_handles": self.registry.card_count,
+            "waiting_for_events": self.mirror.waiter_count,
+            "readers": len(self.mirror.reader_names),
+            "host_link": {**self.host.statistics(), "accepted": vars(self.links.statistics())},
+            "calls": self.calls.snapshot(),
+        }
 
     async def serve(
         self,
@@ -66,5 +80,6 @@ class GuestServer:
             registry=self.registry,
             host=self.host,
             options=self.options,
+            stats=self.calls,
         )
         await session.run()

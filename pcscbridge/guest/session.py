@@ -44,6 +44,7 @@ from ..pcsclite.messages import (
 )
 from ..pcsclite.readers import LEGACY_TABLE_SLOTS, ReaderEntry, encode_table, legacy_view
 from ..pcsclite.server import ProtocolViolation, Request, ServerConnection, reader_name
+from ..stats import CallStats
 from ..transports.ending import connection_ends_logged
 from ..transports.outbox import Outbox
 from .mirror import ReaderMirror, Waiter
@@ -134,6 +135,7 @@ class ClientSession:
         registry: Registry,
         host: Host,
         options: SessionOptions,
+        stats: CallStats | None = None,
     ) -> None:
         self.stream = stream
         self.name = name
@@ -141,6 +143,7 @@ class ClientSession:
         self.registry = registry
         self.host = host
         self.options = options
+        self.stats = stats or CallStats()
         self.protocol = ServerConnection()
         self.h_context: int | None = None
         self.cards: dict[int, CardHandle] = {}
@@ -172,7 +175,8 @@ class ClientSession:
         async with requests:
             async for request in requests:
                 log.debug("client %s: %r", self.name, request)
-                await self._handle(request)
+                with self.stats.timing(request.command.name):
+                    await self._handle(request)
 
     async def send(self, data: bytes) -> None:
         await self.outbox.send(data)
@@ -330,6 +334,7 @@ class ClientSession:
             protocol = await self.host.connect(call)
         except PCSCError as exc:
             self.registry.remove_card(h_card)
+            self.stats.error(exc.rv)
             return body._replace(rv=exc.rv)
         self.cards[h_card] = CardHandle(h_card, reader, generation, body.share_mode)
         self.mirror.handle_opened(reader, protocol, body.share_mode)
@@ -349,6 +354,7 @@ class ClientSession:
             return self._failed(request, exc.rv)
 
     def _failed(self, request: Request, rv: int) -> bytes:
+        self.stats.error(rv)
         body: Any = request.body
         if isinstance(body, AttribBody) and request.command == Command.SCARD_GET_ATTRIB:
             return encode_reply(body._replace(attr_length=0, rv=rv))

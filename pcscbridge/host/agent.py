@@ -31,6 +31,11 @@ class HostAgent:
         self.service = service
         self.guest = guest
         self.link_limits = link_limits
+        self._endpoint: LinkEndpoint | None = None
+
+    def statistics(self) -> dict[str, object]:
+        endpoint = self._endpoint
+        return endpoint.statistics() if endpoint is not None else {"established": False}
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         """Serve the link until it ends, then release everything the guest held."""
@@ -42,6 +47,7 @@ class HostAgent:
             peer_name=self.guest,
             limits=self.link_limits,
         )
+        self._endpoint = endpoint
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._push_readers, session, endpoint)

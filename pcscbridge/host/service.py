@@ -39,6 +39,7 @@ from ..link.calls import (
     Transmit,
 )
 from ..pcsc import PCSCError, ReturnCode
+from ..stats import CallStats
 from .backend import Backend, Card, Context
 from .readers import ReaderBoard, ReaderSnapshot
 from .watcher import watch_readers
@@ -135,6 +136,8 @@ class HostService:
         self.limits = limits or HostLimits()
         self.readers = ReaderBoard()
         self.host_contexts = 0  # open now, all sessions together
+        self.sessions: set[HostSession] = set()
+        self.calls = CallStats()
         self._workers: set[ContextWorker] = set()
         self._releasers: set[threading.Thread] = set()
         self._worker_names = itertools.count(1)
@@ -147,7 +150,23 @@ class HostService:
         )
 
     def open_session(self, guest: str) -> HostSession:
-        return HostSession(self, guest)
+        session = HostSession(self, guest)
+        self.sessions.add(session)
+        return session
+
+    def statistics(self) -> dict[str, object]:
+        """A snapshot of what guests hold on the host (for `pcscbridge status`)."""
+        return {
+            "sessions": sorted(session.guest for session in self.sessions),
+            "host_contexts": self.host_contexts,
+            "card_handles": sum(session.card_count for session in self.sessions),
+            "transactions_held": sum(session.transactions for session in self.sessions),
+            "context_threads": sum(worker.alive for worker in self._workers),
+            "release_threads": sum(thread.is_alive() for thread in self._releasers),
+            "readers": len(self.readers.snapshot.readers),
+            "limits": vars(self.limits),
+            "calls": self.calls.snapshot(),
+        }
 
     def new_worker(self) -> ContextWorker:
         self._workers = {worker for worker in self._workers if worker.alive}
@@ -213,10 +232,22 @@ class HostSession:
         self._cards: dict[int, HostCard] = {}
         self._closed = False
 
+    @property
+    def card_count(self) -> int:
+        return sum(card.card is not None for card in self._cards.values())
+
+    @property
+    def transactions(self) -> int:
+        return sum(card.in_transaction for card in self._cards.values())
+
     # --- Session ----------------------------------------------------------------------------
     async def call(self, call: Call) -> Any:
         if self._closed:
             raise PCSCError(ReturnCode.SCARD_E_NO_SERVICE, "the session is closed")
+        with self._service.calls.timing(call.method):
+            return await self._dispatch(call)
+
+    async def _dispatch(self, call: Call) -> Any:
         match call:
             case Connect():
                 return await self._connect(call)
@@ -269,6 +300,7 @@ class HostSession:
 
     async def aclose(self) -> None:
         self._closed = True
+        self._service.sessions.discard(self)
         released = len(self._contexts)
         for h_context in list(self._contexts):
             self._release(h_context)

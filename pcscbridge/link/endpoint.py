@@ -111,6 +111,16 @@ class LinkEndpoint:
     def closed(self) -> bool:
         return self._closed
 
+    def statistics(self) -> dict[str, object]:
+        return {
+            "peer": self.peer_name,
+            "established": self.peer_hello is not None and not self._closed,
+            "awaiting_responses": len(self._waiting),
+            "serving_requests": self.limits.in_flight - self._in_flight.value,
+            "unread_bytes": self._outbox.queued_size,
+            "sent_bytes": self._outbox.sent_bytes,
+        }
+
     async def wait_established(self) -> bool:
         """Wait until the hellos are exchanged (True) or the link ended before that (False)."""
         await self._settled.wait()
