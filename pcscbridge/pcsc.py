@@ -83,10 +83,13 @@ def rv_name(rv: int) -> str:
 
 
 class PCSCError(BridgeError):
-    """A PC/SC call failed with return code `rv` (unsigned 32-bit)."""
+    """A PC/SC call failed with return code `rv` (unsigned 32-bit). `result`: an out-value the
+    call reported all the same (SCardConnect's active protocol when it failed after settling
+    the card's protocol), else None."""
 
-    def __init__(self, rv: int, message: str = "") -> None:
+    def __init__(self, rv: int, message: str = "", *, result: object = None) -> None:
         self.rv = rv & 0xFFFFFFFF
+        self.result = result
         super().__init__(f"{rv_name(self.rv)}{': ' + message if message else ''}")
 
 

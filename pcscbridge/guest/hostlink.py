@@ -87,13 +87,23 @@ class HostLink:
         except MessageTooLarge as exc:
             raise PCSCError(ReturnCode.SCARD_E_INSUFFICIENT_BUFFER, str(exc)) from None
         if response.rv != ReturnCode.SCARD_S_SUCCESS:
-            raise PCSCError(response.rv)
+            raise PCSCError(response.rv, result=self._out_value(call, response.result))
         try:
             return call.decode_result(response.result)
         except BadResult as exc:
             log.warning("host link: %s; closing it", exc)
             await endpoint.aclose()
             raise PCSCError(ReturnCode.SCARD_E_READER_UNAVAILABLE, "host link closed") from None
+
+    @staticmethod
+    def _out_value(call: Connect | CardCall | ReleaseContext, result: list[Any] | None) -> Any:
+        """What a failed call reported all the same, if it is of the call's result type."""
+        if not result:
+            return None
+        try:
+            return call.decode_result(result)
+        except BadResult:
+            return None
 
     # --- attaching --------------------------------------------------------------------------
     async def attach(self, stream: trio.abc.Stream) -> None:

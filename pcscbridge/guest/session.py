@@ -31,7 +31,6 @@ from ..link.calls import (
 )
 from ..pcsc import MAX_BUFFER_SIZE, PCSCError, ReturnCode, Scope, rv_name
 from ..pcsclite.messages import (
-    AttribBody,
     CancelBody,
     Command,
     ConnectBody,
@@ -318,15 +317,18 @@ class ClientSession:
 
     # --- cards -----------------------------------------------------------------------------
     async def _connect(self, body: ConnectBody) -> ConnectBody:
+        # On failure pcscd answers card handle 0, and the active protocol only when the card's
+        # protocol was settled before the failure (the host says so); else the client's value.
+        failed = body._replace(h_card=0)
         if self.h_context is None:
-            return body._replace(rv=ReturnCode.SCARD_E_INVALID_HANDLE)
+            return failed._replace(rv=ReturnCode.SCARD_E_INVALID_HANDLE)
         if body.h_context != self.h_context:
-            return body._replace(rv=ReturnCode.SCARD_E_INVALID_VALUE)
+            return failed._replace(rv=ReturnCode.SCARD_E_INVALID_VALUE)
         reader = reader_name(body)
         if self.mirror.find(reader) is None:
-            return body._replace(rv=ReturnCode.SCARD_E_UNKNOWN_READER)
+            return failed._replace(rv=ReturnCode.SCARD_E_UNKNOWN_READER)
         if len(self.cards) >= self.options.max_handles:
-            return body._replace(rv=ReturnCode.SCARD_E_NO_MEMORY)
+            return failed._replace(rv=ReturnCode.SCARD_E_NO_MEMORY)
         h_card = self.registry.add_card()
         generation = self.host.generation
         call = Connect(self.h_context, h_card, reader, body.share_mode, body.preferred_protocols)
@@ -335,7 +337,9 @@ class ClientSession:
         except PCSCError as exc:
             self.registry.remove_card(h_card)
             self.stats.error(exc.rv)
-            return body._replace(rv=exc.rv)
+            if isinstance(exc.result, int):
+                failed = failed._replace(active_protocol=exc.result)
+            return failed._replace(rv=exc.rv)
         self.cards[h_card] = CardHandle(h_card, reader, generation, body.share_mode)
         self.mirror.handle_opened(reader, protocol, body.share_mode)
         return body._replace(h_card=h_card, active_protocol=protocol, rv=0)
@@ -351,13 +355,24 @@ class ClientSession:
         try:
             return await self._card_call(request, handle)
         except PCSCError as exc:
-            return self._failed(request, exc.rv)
+            return self._failed(request, exc.rv, exc.result)
 
-    def _failed(self, request: Request, rv: int) -> bytes:
+    def _failed(self, request: Request, rv: int, result: Any = None) -> bytes:
+        """A failed call's reply, with the out-fields pcscd sends when it fails (checked
+        against pcscd 1.9.9 on the rig: tests/test_error_replies.py). `result` is what the
+        host's call reported all the same (an active protocol), when it did."""
         self.stats.error(rv)
         body: Any = request.body
-        if isinstance(body, AttribBody) and request.command == Command.SCARD_GET_ATTRIB:
-            return encode_reply(body._replace(attr_length=0, rv=rv))
+        match request.command:
+            case Command.SCARD_TRANSMIT:
+                return encode_reply(body._replace(recv_length=0, rv=rv))
+            case Command.SCARD_CONTROL:
+                return encode_reply(body._replace(bytes_returned=0, rv=rv))
+            case Command.SCARD_GET_ATTRIB:
+                return encode_reply(body._replace(attr_length=0, rv=rv))
+            case Command.SCARD_RECONNECT:
+                protocol = result if isinstance(result, int) else 0
+                return encode_reply(body._replace(active_protocol=protocol, rv=rv))
         return encode_reply(body._replace(rv=rv))
 
     def _forget(self, handle: CardHandle) -> None:

@@ -66,7 +66,9 @@ class HostAgent:
             result = await session.call(call)
         except PCSCError as exc:
             log.debug("%s %s: %s", self.guest, call.method, rv_name(exc.rv))
-            return Response(request.id, exc.rv)
+            # An out-value the failed call still reported travels with its code.
+            result = None if exc.result is None else call.encode_result(exc.result)
+            return Response(request.id, exc.rv, result)
         return Response(request.id, ReturnCode.SCARD_S_SUCCESS, call.encode_result(result))
 
     async def _push_readers(self, session: Session, endpoint: LinkEndpoint) -> None:

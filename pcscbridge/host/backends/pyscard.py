@@ -88,17 +88,24 @@ class PyscardBackend:
     def connect(
         self, context: int, reader: str, share_mode: int, preferred_protocols: int
     ) -> tuple[int, int]:
-        card, protocol = self._call(
+        hresult, card, protocol = self._raw(
             "SCardConnect", _check_handle(context), reader, share_mode, preferred_protocols
         )
+        if hresult:
+            # libpcsclite copies pcscd's active protocol out whatever the result: not 0 when
+            # the card's protocol was settled before the failure (pcscd leaves it otherwise).
+            raise PCSCError(hresult & 0xFFFFFFFF, "SCardConnect", result=protocol or None)
         return card, protocol
 
     def reconnect(
         self, card: int, share_mode: int, preferred_protocols: int, initialization: int
     ) -> int:
-        return self._call(
+        hresult, protocol = self._raw(
             "SCardReconnect", _check_handle(card), share_mode, preferred_protocols, initialization
         )
+        if hresult:
+            raise PCSCError(hresult & 0xFFFFFFFF, "SCardReconnect", result=protocol or None)
+        return int(protocol)
 
     def disconnect(self, card: int, disposition: int) -> None:
         self._call("SCardDisconnect", _check_handle(card), disposition)
@@ -138,14 +145,18 @@ class PyscardBackend:
         """Nothing to free: contexts are released by the agent, the library stays loaded."""
 
     # --- plumbing ---------------------------------------------------------------------------
-    def _call(self, function: str, *args: Any) -> Any:
-        """Calls scard.<function>; returns its results after the hresult (one value bare)."""
+    def _raw(self, function: str, *args: Any) -> Any:
+        """Calls scard.<function>; returns what pyscard returns, hresult first."""
         try:
-            result = getattr(self._scard, function)(*args)
+            return getattr(self._scard, function)(*args)
         except (TypeError, ValueError, OverflowError, UnicodeError, SystemError) as exc:
             # Arguments pyscard cannot convert (a reader name outside ASCII, a negative
             # value): the PC/SC call was never made.
             raise PCSCError(ReturnCode.SCARD_E_INVALID_PARAMETER, f"{function}: {exc}") from exc
+
+    def _call(self, function: str, *args: Any) -> Any:
+        """Calls scard.<function>; returns its results after the hresult (one value bare)."""
+        result = self._raw(function, *args)
         if isinstance(result, list | tuple):
             hresult, values = result[0], tuple(result[1:])
         else:
