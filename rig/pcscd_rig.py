@@ -154,6 +154,19 @@ class PcscdRig(Service):
             raise
         return self
 
+    def restart(self) -> None:
+        """Stop pcscd and start it again on the same socket and readers, cards put back: what
+        the host sees when its PC/SC service restarts."""
+        with_cards = sorted(self.cards)
+        for index in with_cards:
+            self.remove_card(index, wait=False)
+        self._terminate()
+        self._spawn()
+        if not self._wait_ready():
+            raise RigError(f"pcscd did not come back:\n{self.read_log()}")
+        for index in with_cards:
+            self.insert_card(index)
+
     def stop(self) -> None:
         """Remove cards, stop pcscd (SIGTERM, then SIGKILL of its process group), clean up."""
         for index in list(self.cards):

@@ -8,9 +8,9 @@ from typing import Any
 
 import trio
 
-from ..link.calls import BadResult, CardCall, Connect, ReleaseContext
+from ..link.calls import BadResult, CardCall, Connect, Ping, ReleaseContext
 from ..link.endpoint import LinkClosed, LinkEndpoint, LinkLimits, MessageTooLarge
-from ..link.protocol import READERS_TOPIC, Push, decode_readers
+from ..link.protocol import READERS_TOPIC, Push, Request, Response, decode_readers
 from ..pcsc import PCSCError, ReturnCode
 from .mirror import ReaderMirror
 
@@ -127,8 +127,10 @@ class HostLink:
                 "guest",
                 on_push=lambda push: self._on_push(endpoint, push),
                 on_hello=adopt,
+                on_request=_answer_pings,
                 peer_name=name,
                 keepalive=self.keepalive,
+                ping_any_peer=True,  # every host answers pings
                 limits=self.limits,
             )
             await endpoint.run()
@@ -152,3 +154,11 @@ class HostLink:
             return
         self.mirror.update(decode_readers(push))  # LinkProtocolError closes the link
         self.readers_pushed.set()
+
+
+async def _answer_pings(request: Request) -> Response:
+    """The host's keepalive; a host has no other call to make on a guest."""
+    if isinstance(request.call, Ping):
+        return Response(request.id, ReturnCode.SCARD_S_SUCCESS, [])
+    log.warning("the host asked the guest for %r; refused", request.call)
+    return Response(request.id, ReturnCode.SCARD_E_UNSUPPORTED_FEATURE)

@@ -21,6 +21,11 @@ from .service import Service, Session
 
 log = logging.getLogger("pcscbridge.host")
 
+# Seconds between the host's pings; a guest silent for twice that is gone, and everything it
+# held (transactions included) is released. The guest pings too: each side notices a link
+# that went silent behind an open transport (a TCP path that dropped, a frozen VM).
+LINK_KEEPALIVE = 5.0
+
 
 class HostAgent:
     """Serves one link for one guest. Create one per link; the service is shared."""
@@ -46,6 +51,7 @@ class HostAgent:
             on_request=lambda request: self._serve(session, request),
             peer_name=self.guest,
             limits=self.link_limits,
+            keepalive=LINK_KEEPALIVE,  # pings only a guest whose hello says it answers
         )
         self._endpoint = endpoint
         try:

@@ -12,6 +12,7 @@ and the service maps them to the host's PC/SC context and card handles, per sess
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -47,6 +48,14 @@ from .worker import ContextWorker
 
 log = logging.getLogger("pcscbridge.host")
 
+# What a host context answers once the host's PC/SC service it was established with is gone.
+SERVICE_GONE = frozenset(
+    {
+        ReturnCode.SCARD_E_NO_SERVICE,
+        ReturnCode.SCARD_E_SERVICE_STOPPED,
+        ReturnCode.SCARD_F_COMM_ERROR,
+    }
+)
 WATCHER_THREADS = 64  # the watcher's waits: one per group of 16 readers, plus cancels
 RELEASE_GRACE = 2.0  # seconds a stopping service waits for queued releases
 
@@ -96,6 +105,18 @@ class HostContext:
                 raise PCSCError(ReturnCode.SCARD_E_INVALID_HANDLE, "context released")
             if self.context is None:
                 self.context = backend.establish_context()
+            return self.context
+
+    def renew(self, backend: Backend, dead: Context) -> Context:
+        """In the worker thread: replace a host context the host's PC/SC service forgot (it
+        restarted) with a fresh one; the guest's context lives on."""
+        with self.lock:
+            if self.released:
+                raise PCSCError(ReturnCode.SCARD_E_INVALID_HANDLE, "context released")
+            if self.context is dead:
+                self.context = backend.establish_context()
+            with contextlib.suppress(PCSCError):
+                backend.release_context(dead)
             return self.context
 
     def release(self, backend: Backend) -> None:
@@ -353,9 +374,16 @@ class HostSession:
     def _connect_blocking(
         self, context: HostContext, reader: str, share_mode: int, protocols: int
     ) -> tuple[Card, int]:
-        return self._backend.connect(
-            context.establish(self._backend), reader, share_mode, protocols
-        )
+        host_context = context.establish(self._backend)
+        try:
+            return self._backend.connect(host_context, reader, share_mode, protocols)
+        except PCSCError as exc:
+            if exc.rv not in SERVICE_GONE:
+                raise
+        # The host's PC/SC service restarted since this context was established: the guest's
+        # context is still good, so it gets a new host context, as a client would re-establish.
+        host_context = context.renew(self._backend, host_context)
+        return self._backend.connect(host_context, reader, share_mode, protocols)
 
     def _transaction_holder(self, context: HostContext, reader: str) -> int | None:
         """A card handle of this context holding a transaction on `reader`, if one does."""

@@ -83,6 +83,7 @@ class LinkEndpoint:
         on_hello: HelloHandler | None = None,
         peer_name: str = "peer",
         keepalive: float | None = None,
+        ping_any_peer: bool = False,
         max_message_size: int = DEFAULT_MAX_MESSAGE,
         limits: LinkLimits | None = None,
     ) -> None:
@@ -106,6 +107,8 @@ class LinkEndpoint:
         # transport can stay open long after the peer went silent (an SSH session whose client
         # vanished), and only a question asked over the link itself tells.
         self._keepalive = keepalive
+        # Ping a peer whose hello does not say it answers pings (hosts always did).
+        self._ping_any_peer = ping_any_peer
 
     @property
     def closed(self) -> bool:
@@ -150,14 +153,15 @@ class LinkEndpoint:
                     self.role,
                     software=f"pcscbridge {__version__}",
                     max_message_size=self._max_message_size,
+                    answers_pings=self._on_request is not None,
                 )
             )
             with trio.move_on_after(HELLO_TIMEOUT) as waited:
-                hello = await self._receive_message()
+                message = await self._receive_message()
             if waited.cancelled_caught:
                 raise LinkProtocolError(f"no hello within {HELLO_TIMEOUT:.0f} s")
-            self._accept_hello(hello)
-            if self._keepalive:
+            hello = self._accept_hello(message)
+            if self._keepalive and (self._ping_any_peer or hello.answers_pings):
                 nursery.start_soon(self._ping_forever, self._keepalive)
             while (message := await self._receive_message()) is not None:
                 if isinstance(message, Push) and self._on_push is not None:
@@ -168,7 +172,7 @@ class LinkEndpoint:
                     await self._dispatch(message, nursery)
             nursery.cancel_scope.cancel()
 
-    def _accept_hello(self, hello: Message | None) -> None:
+    def _accept_hello(self, hello: Message | None) -> Hello:
         if not isinstance(hello, Hello) or hello.protocol != LINK_PROTOCOL:
             raise LinkProtocolError(
                 f"expected a link protocol {LINK_PROTOCOL} hello, got {hello!r}"
@@ -182,6 +186,7 @@ class LinkEndpoint:
         if self._on_hello is not None:
             self._on_hello(hello)
         self._settled.set()
+        return hello
 
     async def _ping_forever(self, interval: float) -> None:
         while True:

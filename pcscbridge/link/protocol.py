@@ -38,6 +38,8 @@ class Hello:
     software: str = ""
     # The largest payload this side accepts; the peer sends nothing larger.
     max_message_size: int = DEFAULT_MAX_MESSAGE
+    # This side answers `ping` requests (hosts always have; guests since they are asked).
+    answers_pings: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ def encode(message: Message) -> bytes:
                     "role": message.role,
                     "software": message.software,
                     "max_message_size": message.max_message_size,
+                    "answers_pings": message.answers_pings,
                 },
             ]
         case Request(call=Call() as call):
@@ -132,6 +135,7 @@ def _decode_body(body: Any) -> Message:
             protocol=_typed(hello["protocol"], int),
             software=_typed(hello.get("software", ""), str),
             max_message_size=_typed(hello.get("max_message_size", DEFAULT_MAX_MESSAGE), int),
+            answers_pings=_typed(hello.get("answers_pings", False), bool),
         )
     if kind == REQUEST and len(body) == 4:
         request_id, method, args = _typed(body[1], int), _typed(body[2], str), _typed(body[3], list)
