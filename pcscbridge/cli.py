@@ -24,8 +24,10 @@ from .transports.endpoints import (
 )
 
 if TYPE_CHECKING:
+    from .guest.server import GuestServer
     from .host.backend import Backend
     from .host.service import Service
+    from .transports.process import ProcessStream
 
 log = logging.getLogger("pcscbridge")
 
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_endpoint,
         default=default_link,
         metavar="ENDPOINT",
-        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio "
+        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio; or "
+        f"exec:COMMAND, run when a client needs the host, its stdin/stdout the link "
         f"(default {default_link})",
     )
     guest.add_argument(
@@ -121,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run `pcscbridge attach` in the guest over SSH (an ~/.ssh/config alias or "
         "[user@]host[:port])",
     )
+    target.add_argument(
+        "--link",
+        choices=("stdio",),
+        help="serve one link on stdin/stdout, then exit: what a guest's `--link exec:COMMAND` "
+        "runs (the qrexec service; QREXEC_REMOTE_DOMAIN names the guest)",
+    )
     host.add_argument(
         "--backend",
         choices=("pyscard", "sim"),
@@ -134,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --backend sim: N simulated readers named 'Sim Reader XX 00' (XX = 00, 01, "
         "... in hex), a card in the first (default 2)",
+    )
+    host.add_argument(
+        "--ssh-client",
+        choices=("paramiko", "openssh"),
+        default="paramiko",
+        help="with --ssh: dial with paramiko (default), or run the system's `ssh -T` (for "
+        "what paramiko does not follow: Include, Match, certificates, FIDO and PKCS#11 keys, "
+        "GSSAPI)",
     )
     host.add_argument(
         "--ssh-config", type=Path, metavar="FILE", help="ssh config file (default ~/.ssh/config)"
@@ -253,6 +270,8 @@ async def _guest(args: argparse.Namespace) -> int:
     try:
         if link.kind == "stdio":
             await server.serve(client_listener, link_stream=await connect(link))
+        elif link.kind == "exec":
+            await _guest_with_link_on_demand(server, client_listener, link)
         elif len(activated) > 1:
             await server.serve(client_listener, link_listener=activated[1])
         else:
@@ -266,6 +285,21 @@ async def _guest(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.unlink(path)
     return 0
+
+
+async def _guest_with_link_on_demand(
+    server: GuestServer, client_listener: trio.SocketListener, link: Endpoint
+) -> None:
+    from .guest.ondemand import LinkOnDemand
+    from .transports.process import open_process_stream
+
+    async def open_link() -> ProcessStream:
+        return await open_process_stream(link.command, what=str(link))
+
+    demand = LinkOnDemand(server.host, open_link, name=str(link))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(demand.run)
+        await server.serve(demand.listener(client_listener))
 
 
 def _backend(name: str, sim_readers: int = 2) -> Backend:
@@ -297,7 +331,21 @@ async def _host(args: argparse.Namespace) -> int:
         service = _checked(core, args)
         if args.ssh:
             return await _host_over_ssh(args, service)
+        if args.link:
+            return await _host_over_stdio(args, service)
         return await _host_over_link(args, service)
+
+
+async def _host_over_stdio(args: argparse.Namespace, service: Service) -> int:
+    from .host.agent import HostAgent
+    from .transports.stdio import StdioStream
+
+    # Under qrexec the calling qube's name is the guest's identity (policy, audit, logs).
+    guest = os.environ.get("QREXEC_REMOTE_DOMAIN") or "stdio"
+    log.info("serving the host's readers (%s) to %s over stdio", args.backend, guest)
+    await HostAgent(service, guest=guest).serve(StdioStream())
+    log.info("the link to %s ended", guest)
+    return 0
 
 
 async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
