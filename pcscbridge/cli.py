@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
+from .errors import SetupError
 from .transports.endpoints import (
     Endpoint,
     EndpointError,
@@ -33,6 +34,10 @@ log = logging.getLogger("pcscbridge")
 
 EXIT_USAGE = 2
 EXIT_GUEST_UNREACHABLE = 69  # attach: no guest server (EX_UNAVAILABLE); --ssh maps it
+
+
+class UsageError(SetupError):
+    exit_code = EXIT_USAGE
 
 
 def _endpoint(text: str) -> Endpoint:
@@ -75,12 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     guest = command("guest", "In the guest: impersonate pcscd and wait for the host's link.")
-    guest.add_argument(
-        "--listen",
-        metavar="PATH",
-        help="UNIX socket for pcsc-lite clients (point PCSCLITE_CSOCK_NAME at it); "
-        "optional under systemd socket activation",
-    )
+    _add_client_options(guest)
     guest.add_argument(
         "--link",
         type=_endpoint,
@@ -89,25 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio; or "
         f"exec:COMMAND, run when a client needs the host, its stdin/stdout the link "
         f"(default {default_link})",
-    )
-    guest.add_argument(
-        "--legacy-readers",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="when the host has more readers than clients of protocol 4.5 or older can see "
-        "(--reader-slots), show the readers whose name matches PATTERN (fnmatch, "
-        "case-sensitive) first; repeatable, earlier patterns first, then the other readers "
-        "in table order. 4.6 clients always see every reader",
-    )
-    guest.add_argument(
-        "--reader-slots",
-        type=_reader_slots,
-        default=16,
-        metavar="N",
-        help="the readers table size of clients of protocol 4.5 or older, and of every "
-        "client's CMD_GET_READERS_STATE: PCSCLITE_MAX_READERS_CONTEXTS of the guest's "
-        "libpcsclite build (default 16, as Debian and upstream; Fedora builds 48)",
     )
 
     host = command("host", "On the host: serve the host's readers to a guest.")
@@ -130,20 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve one link on stdin/stdout, then exit: what a guest's `--link exec:COMMAND` "
         "runs (the qrexec service; QREXEC_REMOTE_DOMAIN names the guest)",
     )
-    host.add_argument(
-        "--backend",
-        choices=("pyscard", "sim"),
-        default="pyscard",
-        help="the host's PC/SC through pyscard (default), or simulated readers",
-    )
-    host.add_argument(
-        "--sim-readers",
-        type=_sim_readers,
-        default=2,
-        metavar="N",
-        help="with --backend sim: N simulated readers named 'Sim Reader XX 00' (XX = 00, 01, "
-        "... in hex), a card in the first (default 2)",
-    )
+    _add_service_options(host)
     host.add_argument(
         "--ssh-client",
         choices=("paramiko", "openssh"),
@@ -184,8 +152,63 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the guest server's link endpoint (default {default_link})",
     )
 
+    serve = command(
+        "serve",
+        "On one machine: serve the host's readers on a socket, no link (for a socket "
+        "bind-mounted into a container or a Flatpak sandbox).",
+    )
+    _add_client_options(serve)
+    _add_service_options(serve)
+
     command("demo", "Run the whole bridge with simulated readers and show a client using it.")
     return parser
+
+
+def _add_client_options(sub: argparse.ArgumentParser) -> None:
+    """The pcsc-lite clients' side: pcscd's socket and what the clients see (guest, serve)."""
+    sub.add_argument(
+        "--listen",
+        metavar="PATH",
+        help="UNIX socket for pcsc-lite clients (point PCSCLITE_CSOCK_NAME at it); "
+        "optional under systemd socket activation",
+    )
+    sub.add_argument(
+        "--legacy-readers",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="when the host has more readers than clients of protocol 4.5 or older can see "
+        "(--reader-slots), show the readers whose name matches PATTERN (fnmatch, "
+        "case-sensitive) first; repeatable, earlier patterns first, then the other readers "
+        "in table order. 4.6 clients always see every reader",
+    )
+    sub.add_argument(
+        "--reader-slots",
+        type=_reader_slots,
+        default=16,
+        metavar="N",
+        help="the readers table size of clients of protocol 4.5 or older, and of every "
+        "client's CMD_GET_READERS_STATE: PCSCLITE_MAX_READERS_CONTEXTS of the guest's "
+        "libpcsclite build (default 16, as Debian and upstream; Fedora builds 48)",
+    )
+
+
+def _add_service_options(sub: argparse.ArgumentParser) -> None:
+    """The host service: which PC/SC it serves (host, serve). Checkpoint options go here too."""
+    sub.add_argument(
+        "--backend",
+        choices=("pyscard", "sim"),
+        default="pyscard",
+        help="the host's PC/SC through pyscard (default), or simulated readers",
+    )
+    sub.add_argument(
+        "--sim-readers",
+        type=_sim_readers,
+        default=2,
+        metavar="N",
+        help="with --backend sim: N simulated readers named 'Sim Reader XX 00' (XX = 00, 01, "
+        "... in hex), a card in the first (default 2)",
+    )
 
 
 def configure_logging(verbosity: int) -> None:
@@ -208,13 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_until_stopped, _host, args)
         if args.command == "attach":
             return trio.run(_attach, args)
+        if args.command == "serve":
+            return trio.run(_until_stopped, _serve, args)
         if args.command == "demo":
             from .demo import run_demo
 
             return run_demo()
-    except EndpointError as exc:
+    except SetupError as exc:
         print(f"pcscbridge {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE
@@ -247,21 +272,14 @@ async def _until_stopped(
 async def _guest(args: argparse.Namespace) -> int:
     from .guest.server import GuestServer
     from .guest.session import SessionOptions
-    from .transports.endpoints import connect, open_listener, systemd_listeners, unix_listener
+    from .transports.endpoints import connect, open_listener
 
-    activated = systemd_listeners()
-    if activated:
-        client_listener = activated[0]
-    elif args.listen:
-        client_listener = await unix_listener(args.listen, 0o666)  # as pcscd's socket
-    else:
-        print("pcscbridge guest: --listen PATH is required (or socket activation)", file=sys.stderr)
-        return EXIT_USAGE
+    activated, created = await _pcscd_socket(args)
+    client_listener = activated.pop(0)
     server = GuestServer(
         SessionOptions(reader_slots=args.reader_slots, legacy_readers=tuple(args.legacy_readers))
     )
     link: Endpoint = args.link
-    created = [] if activated else [args.listen]
     log.info(
         "serving pcsc-lite clients on %s; host link on %s",
         args.listen or "the activated socket",
@@ -272,8 +290,8 @@ async def _guest(args: argparse.Namespace) -> int:
             await server.serve(client_listener, link_stream=await connect(link))
         elif link.kind == "exec":
             await _guest_with_link_on_demand(server, client_listener, link)
-        elif len(activated) > 1:
-            await server.serve(client_listener, link_listener=activated[1])
+        elif activated:
+            await server.serve(client_listener, link_listener=activated[0])
         else:
             link_listener = await open_listener(link)
             if link.kind == "unix":
@@ -285,6 +303,41 @@ async def _guest(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.unlink(path)
     return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .guest.session import SessionOptions
+    from .host.service import open_host_service
+    from .serve import serve_locally
+
+    backend = _backend(args.backend, args.sim_readers)
+    activated, created = await _pcscd_socket(args)
+    options = SessionOptions(
+        reader_slots=args.reader_slots, legacy_readers=tuple(args.legacy_readers)
+    )
+    where = args.listen or "the activated socket"
+    log.info("serving the host's readers (%s) to pcsc-lite clients on %s", args.backend, where)
+    try:
+        async with open_host_service(backend) as core:
+            await serve_locally(activated[0], _checked(core, args), options, guest=f"local:{where}")
+    finally:
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return 0
+
+
+async def _pcscd_socket(args: argparse.Namespace) -> tuple[list[trio.SocketListener], list[str]]:
+    """The socket pcsc-lite clients use, first, then any other socket systemd passed; and the
+    paths this process created (to remove at exit). `--listen PATH` unless socket-activated."""
+    from .transports.endpoints import systemd_listeners, unix_listener
+
+    activated = systemd_listeners()
+    if activated:
+        return activated, []
+    if not args.listen:
+        raise UsageError("--listen PATH is required (or socket activation)")
+    return [await unix_listener(args.listen, 0o666)], [args.listen]  # 0666 as pcscd's socket
 
 
 async def _guest_with_link_on_demand(

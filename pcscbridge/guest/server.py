@@ -10,19 +10,27 @@ import trio
 from .hostlink import LINK_KEEPALIVE, HostLink
 from .mirror import ReaderMirror
 from .registry import HandleRegistry
-from .session import ClientSession, SessionOptions
+from .session import ClientSession, Host, SessionOptions
 
 log = logging.getLogger("pcscbridge.guest")
 
 
 class GuestServer:
     def __init__(
-        self, options: SessionOptions | None = None, *, keepalive: float | None = LINK_KEEPALIVE
+        self,
+        options: SessionOptions | None = None,
+        *,
+        keepalive: float | None = LINK_KEEPALIVE,
+        mirror: ReaderMirror | None = None,
+        card_host: Host | None = None,
     ) -> None:
         self.options = options or SessionOptions()
-        self.mirror = ReaderMirror()
+        self.mirror = mirror or ReaderMirror()
         self.registry: HandleRegistry[ClientSession] = HandleRegistry()
         self.host = HostLink(self.mirror, keepalive=keepalive)
+        # Where the sessions' card calls go: the attached link's host, or a host in this
+        # process (`pcscbridge serve`, which feeds `mirror` itself).
+        self.card_host: Host = card_host or self.host
         self._client_numbers = itertools.count(1)
 
     async def serve(
@@ -48,7 +56,7 @@ class GuestServer:
                     f"#{next(self._client_numbers)}",
                     mirror=self.mirror,
                     registry=self.registry,
-                    host=self.host,
+                    host=self.card_host,
                     options=self.options,
                 )
                 nursery.start_soon(session.run)
