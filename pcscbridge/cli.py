@@ -420,6 +420,7 @@ async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
 async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
     from .host.runner import keep_attached
     from .transports.ssh import SSHLinkError, SSHTarget, open_ssh_link
+    from .transports.ssh.openssh import open_openssh_link
 
     command = f"{shlex.quote(args.remote_pcscbridge)} attach"
     if args.guest_link is not None:
@@ -428,10 +429,11 @@ async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
         args.ssh, remote_command=command, ssh_config=args.ssh_config, accept_new=args.accept_new
     )
     attached_once = False
+    opener = open_openssh_link if args.ssh_client == "openssh" else open_ssh_link
 
     async def open_link() -> trio.abc.Stream:
         nonlocal attached_once
-        link = await open_ssh_link(target)
+        link: trio.abc.Stream = await opener(target)
         attached_once = True
         return link
 

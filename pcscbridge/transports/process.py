@@ -3,13 +3,14 @@
 The guest's `--link exec:COMMAND` (qrexec-client-vm, `ssh -T host pcscbridge host --link
 stdio`) and the host's `--ssh-client openssh` run a command and speak the link over its pipes.
 Its stderr goes where the caller says: inherited (the command speaks to the user's log), or a
-file the caller reads when the command has ended.
+file that the caller reads when the command failed, and that is logged when the stream closes.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import IO
 
@@ -19,19 +20,44 @@ log = logging.getLogger("pcscbridge.transports")
 
 RECEIVE_SIZE = 65536
 EXIT_GRACE = 2.0  # seconds a command gets to exit after its stdin closed, then after SIGTERM
+STDERR_KEPT = 65536  # the end of a captured stderr that is read
 
 
 class ProcessStream(trio.abc.HalfCloseableStream):
     """Sends to the command's stdin, receives from its stdout. Closing the stream closes
     stdin, waits a little for the command to end, then terminates (and at last kills) it."""
 
-    def __init__(self, process: trio.Process, what: str) -> None:
+    def __init__(
+        self, process: trio.Process, what: str, stderr_file: IO[bytes] | None = None
+    ) -> None:
         assert process.stdin is not None and process.stdout is not None
         self.process = process
         self.what = what
         self._stdin = process.stdin
         self._stdout = process.stdout
         self._initial = b""  # read by wait_first_data, not yet received
+        self._stderr_file = stderr_file
+        self._stderr_read = 0  # what stderr_text returned already is not logged again
+
+    def stderr_text(self) -> str:
+        """What the command wrote to the captured stderr so far (its last STDERR_KEPT bytes)."""
+        if self._stderr_file is None:
+            return ""
+        end = self._stderr_file.seek(0, 2)
+        self._stderr_file.seek(max(0, end - STDERR_KEPT))
+        self._stderr_read = end
+        return self._stderr_file.read().decode(errors="replace")
+
+    def _log_stderr(self) -> None:
+        if self._stderr_file is None:
+            return
+        end = self._stderr_file.seek(0, 2)
+        self._stderr_file.seek(max(self._stderr_read, end - STDERR_KEPT))
+        for line in self._stderr_file.read().decode(errors="replace").splitlines():
+            if line.strip():
+                log.warning("%s: %s", self.what, line.rstrip())
+        self._stderr_file.close()
+        self._stderr_file = None
 
     @property
     def returncode(self) -> int | None:
@@ -78,21 +104,30 @@ class ProcessStream(trio.abc.HalfCloseableStream):
                 self.process.kill()
                 await self.process.wait()
             await self._stdout.aclose()
+            self._log_stderr()
 
 
 async def open_process_stream(
     argv: Sequence[str],
     *,
-    stderr: IO[bytes] | int | None = None,
+    capture_stderr: bool = False,
     env: Mapping[str, str] | None = None,
     what: str | None = None,
 ) -> ProcessStream:
-    """Start `argv` with pipes for stdin and stdout. OSError when it cannot be run."""
-    process = await trio.lowlevel.open_process(
-        list(argv),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        env=dict(env) if env is not None else None,
-    )
-    return ProcessStream(process, what or argv[0])
+    """Start `argv` with pipes for stdin and stdout; its stderr is ours, or with
+    `capture_stderr` a temporary file (stderr_text; logged when the stream closes). OSError
+    when it cannot be run."""
+    stderr = tempfile.TemporaryFile() if capture_stderr else None  # noqa: SIM115
+    try:
+        process = await trio.lowlevel.open_process(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=dict(env) if env is not None else None,
+        )
+    except BaseException:
+        if stderr is not None:
+            stderr.close()
+        raise
+    return ProcessStream(process, what or argv[0], stderr)
