@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help="read option defaults from FILE alone (default: /etc/pcscbridge/"
+            "pcscbridge.toml, then $XDG_CONFIG_HOME/pcscbridge/pcscbridge.toml)",
+        )
         return sub
 
     guest = command("guest", "In the guest: impersonate pcscd and wait for the host's link.")
@@ -222,7 +228,13 @@ def configure_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .config import ConfigError, parse_arguments
+
+    try:
+        args = parse_arguments(build_parser, argv)
+    except ConfigError as exc:
+        print(f"pcscbridge: {exc}", file=sys.stderr)
+        return exc.exit_code
     configure_logging(args.verbose)
     try:
         if args.command == "guest":
