@@ -166,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(serve)
     _add_service_options(serve)
 
+    doctor = command(
+        "doctor",
+        "Check PC/SC, the guest server, its link and the units here; each finding with its "
+        "fix. Exit status 1 when something is broken.",
+    )
+    doctor.add_argument(
+        "--libpcsclite",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also check which protocol this client library speaks and whether the PC/SC "
+        "socket accepts it (e.g. a Flatpak runtime's libpcsclite.so.1); repeatable",
+    )
+
     command("demo", "Run the whole bridge with simulated readers and show a client using it.")
     return parser
 
@@ -245,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_attach, args)
         if args.command == "serve":
             return trio.run(_until_stopped, _serve, args)
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(args, build_parser)
         if args.command == "demo":
             from .demo import run_demo
 

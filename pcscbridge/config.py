@@ -82,6 +82,24 @@ def parse_arguments(
     return args
 
 
+def check_files(
+    build_parser: Callable[[], argparse.ArgumentParser], files: list[Path]
+) -> list[str]:
+    """Every table of the files checked against its command: what is wrong (nothing: [])."""
+    commands = list(_subparsers(build_parser()))
+    try:
+        settings, read = _read_files(files, required=True, commands=commands)
+    except ConfigError as exc:
+        return [str(exc)]
+    problems = []
+    for command, table in settings.items():
+        try:
+            _defaults_for(build_parser, command, table, read)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def _sys_argv() -> list[str]:
     import sys
 
@@ -105,6 +123,10 @@ def _read_files(
             if required:
                 raise ConfigError(f"{path}: no such file") from None
             continue
+        except PermissionError:
+            if required:
+                raise ConfigError(f"{path}: permission denied") from None
+            continue  # another user's default file (HOME kept by su or setpriv)
         except OSError as exc:
             raise ConfigError(f"{path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:

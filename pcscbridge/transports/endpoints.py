@@ -9,6 +9,7 @@ import os
 import shlex
 import socket
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,14 @@ class Endpoint:
         return "stdio"
 
 
-def default_link_endpoint() -> Endpoint:
-    """$XDG_RUNTIME_DIR/pcscbridge/link.sock, else /tmp/pcscbridge-UID/link.sock."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "pcscbridge" if runtime else Path(f"/tmp/pcscbridge-{os.getuid()}")
+def default_link_endpoint(
+    environ: Mapping[str, str] | None = None, uid: int | None = None
+) -> Endpoint:
+    """$XDG_RUNTIME_DIR/pcscbridge/link.sock, else /tmp/pcscbridge-UID/link.sock (of this
+    process, or of one with that environment and user id)."""
+    runtime = (os.environ if environ is None else environ).get("XDG_RUNTIME_DIR")
+    uid = os.getuid() if uid is None else uid
+    base = Path(runtime) / "pcscbridge" if runtime else Path(f"/tmp/pcscbridge-{uid}")
     return Endpoint("unix", path=str(base / "link.sock"))
 
 
