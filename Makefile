@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
-APT_PACKAGES := pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc openssh-server socat \
+APT_PACKAGES := pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc openssh-server socat systemd \
 	gcc python3-dev python3-venv iproute2 util-linux
 
 .PHONY: deps venv test demo bench lint clean
