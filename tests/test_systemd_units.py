@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from pcscbridge.transports.endpoints import parse_endpoint
 from rig.bridge_processes import Bridge
 from rig.pcscd_rig import PcscdRig, run_pcsc_client
 from rig.service import wait_until
 
 UNITS = Path(__file__).parents[1] / "contrib" / "systemd"
+QUBES = Path(__file__).parents[1] / "contrib" / "qubes"
 INSTALLED_AS = "/usr/local/bin/pcscbridge"
 PCSCBRIDGE = str(Path(sys.executable).parent / "pcscbridge")  # the venv's, for the tests
 DEBIAN_PCSCD_SOCKET = Path("/lib/systemd/system/pcscd.socket")  # from the pcscd package
@@ -67,6 +69,21 @@ def test_system_units_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and result.stdout == ""  # not even a warning
+
+
+def test_qubes_drop_in_verifies_and_runs_the_qrexec_link(tmp_path: Path) -> None:
+    folder = install(tmp_path / "system", UNITS)
+    drop_in = folder / "pcscbridge-guest.service.d"
+    drop_in.mkdir()
+    text = (QUBES / "pcscbridge-guest.service.d" / "qubes.conf").read_text()
+    (drop_in / "qubes.conf").write_text(text.replace(INSTALLED_AS, PCSCBRIDGE))
+    result = analyze("verify", "--man=no", str(folder / "pcscbridge-guest.service"))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    command = unit_values(QUBES / "pcscbridge-guest.service.d" / "qubes.conf", "ExecStart")[-1]
+    argv = shlex.split(command)
+    assert argv[1:3] == ["guest", "--link"]
+    link = parse_endpoint(argv[3])
+    assert link.command == ("qrexec-client-vm", "sys-usb", "pcscbridge.Link")
 
 
 def test_user_units_verify(tmp_path: Path) -> None:
