@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from pcscbridge.transports.endpoints import EndpointError, parse_endpoint
 from rig.bridge_processes import PCSCBRIDGE, Bridge
 from rig.pcscd_rig import PcscdRig, run_pcsc_client
 from rig.processes import finish, read_line, spawn_program
 from rig.service import wait_until
-
-pytestmark = pytest.mark.rig
 
 READER = "Virtual PCD 00 00"
 
@@ -83,12 +82,13 @@ def qubes(
         assert "Traceback" not in bridge.logs(), bridge.logs()
 
 
-def link_runs(bridge: QubesBridge) -> int:
+def link_runs(bridge: Bridge) -> int:
     """How often the guest ran its link command."""
     assert bridge.guest is not None
     return bridge.guest.log.count("a client needs the host: running")
 
 
+@pytest.mark.rig
 def test_first_client_sees_the_readers_through_qrexec(
     pcscd_rig: PcscdRig, qubes: Callable[..., QubesBridge]
 ) -> None:
@@ -109,6 +109,7 @@ def test_first_client_sees_the_readers_through_qrexec(
     assert "serving the host's readers (pyscard) to work-qube over stdio" in bridge.service_text()
 
 
+@pytest.mark.rig
 def test_lost_link_comes_back_while_an_app_holds_its_context(
     pcscd_rig: PcscdRig, qubes: Callable[..., QubesBridge]
 ) -> None:
@@ -135,6 +136,7 @@ def test_lost_link_comes_back_while_an_app_holds_its_context(
         finish(app)
 
 
+@pytest.mark.rig
 def test_refused_call_is_not_asked_again_until_a_client_connects(
     qubes: Callable[..., QubesBridge],
 ) -> None:
@@ -154,6 +156,7 @@ def test_refused_call_is_not_asked_again_until_a_client_connects(
     assert bridge.guest.alive()
 
 
+@pytest.mark.rig
 def test_an_ask_dialog_longer_than_the_hello_timeout(
     pcscd_rig: PcscdRig, qubes: Callable[..., QubesBridge]
 ) -> None:
@@ -174,3 +177,44 @@ def test_the_rpc_service_file_runs_what_the_tests_run() -> None:
     command = [line for line in text.splitlines() if line.startswith("exec ")]
     assert command == ["exec pcscbridge host --link stdio"], text
     assert os.access(Path(__file__).parents[1] / "contrib" / "qubes" / "pcscbridge.Link", os.X_OK)
+
+
+# ------------------------------------------------------------- the exec: link, misbehaving
+
+
+def test_exec_endpoints_are_split_as_a_shell_would() -> None:
+    link = parse_endpoint("exec:qrexec-client-vm sys-usb 'pcscbridge.Link'")
+    assert link.command == ("qrexec-client-vm", "sys-usb", "pcscbridge.Link")
+    assert str(link) == "exec:qrexec-client-vm sys-usb pcscbridge.Link"
+    assert parse_endpoint(str(parse_endpoint("exec:a 'b c'"))).command == ("a", "b c")
+    for bad in ("exec:", "exec:   ", "exec:a 'b"):
+        with pytest.raises(EndpointError, match="bad endpoint"):
+            parse_endpoint(bad)
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        ("/nonexistent/qrexec-client-vm sys-usb pcscbridge.Link", "cannot be run"),
+        # A peer that speaks garbage: the link is refused with a log line, nothing else.
+        (f"{sys.executable} -c \"print('garbage' * 100)\"", "closing"),
+        # Speaks, then dies before any hello.
+        (f"{sys.executable} -c \"import os; os.write(1, b'\\\\0\\\\0'); os._exit(3)\"", "exit"),
+    ],
+)
+def test_a_broken_link_command_costs_the_client_nothing(
+    tmp_path: Path, command: str, said: str
+) -> None:
+    bridge = Bridge(tmp_path / "guest", None, link=f"exec:{command}")
+    bridge.start_guest()
+    try:
+        started = time.monotonic()
+        for _ in range(2):  # each client tries again; the guest stays up
+            assert bridge.guest_readers() == []
+        assert time.monotonic() - started < 10
+        assert bridge.guest is not None and bridge.guest.alive()
+        wait_until(lambda: link_runs(bridge) == 2, 5, "two attempts")
+        assert said in bridge.guest.log, bridge.guest.log
+    finally:
+        bridge.stop()
+    assert "Traceback" not in bridge.logs(), bridge.logs()
