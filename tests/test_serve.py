@@ -20,9 +20,9 @@ import pytest
 from pcscbridge.pcsc import ReturnCode
 from rig.bridge_processes import BridgeProcess, _wait_for
 from rig.clientlibs import ClientLib, ClientLibs, ensure_client_libs
-from rig.pcsc_programs import assert_full_results_match, json_lines
+from rig.pcsc_programs import assert_full_results_match
 from rig.pcscd_rig import PcscdRig
-from rig.processes import PROGRAMS, expect_line, finish, spawn_program
+from rig.processes import PROGRAMS, die_in_a_transaction, echo_side_by_side
 
 pytestmark = pytest.mark.rig
 
@@ -106,40 +106,20 @@ def test_pyscard_every_call_gives_pcscds_results(
 def test_host_application_and_served_clients_share_the_card(
     pcscd_rig: PcscdRig, served: Served
 ) -> None:
-    apps = [
-        spawn_program(["echo-loop", READER, "host", "200"], pcscd_rig.socket_path),
-        spawn_program(["echo-loop", READER, "sandbox1", "200"], served.socket_path),
-        spawn_program(["echo-loop", READER, "sandbox2", "200"], served.socket_path),
-    ]
-    try:
-        results = []
-        for app in apps:
-            out, err = app.communicate(timeout=60)
-            assert app.returncode == 0, err
-            results.extend(json_lines(out))
-        assert sorted(r["tag"] for r in results) == ["host", "sandbox1", "sandbox2"]
-        assert all(r["wrong"] == 0 and r["count"] == 200 for r in results)
-    finally:
-        finish(*apps)
+    echo_side_by_side(
+        {
+            "host": pcscd_rig.socket_path,
+            "sandbox1": served.socket_path,
+            "sandbox2": served.socket_path,
+        },
+        READER,
+        200,
+    )
 
 
 def test_client_dying_in_a_transaction_releases_it(pcscd_rig: PcscdRig, served: Served) -> None:
-    host_app = spawn_program(["card-after-reset", READER], pcscd_rig.socket_path)
-    expect_line(host_app, "CONNECTED")
-    sandbox_app = spawn_program(["begin-transaction", READER], served.socket_path)
-    try:
-        expect_line(sandbox_app, "CONNECTED")
-        expect_line(sandbox_app, "BEGUN")
-        sandbox_app.kill()  # dies holding the transaction
-        sandbox_app.wait(5)
-        assert host_app.stdin is not None
-        host_app.stdin.write("\n")
-        host_app.stdin.flush()
-        out, err = host_app.communicate(timeout=30)
-        [result] = json_lines(out)
-        # As pcscd does for a client that dies in a transaction: the card is reset and the
-        # transaction is free again.
-        assert result["status_rv"] == ReturnCode.SCARD_W_RESET_CARD, err
-        assert result["begin_rv"] in (0, ReturnCode.SCARD_W_RESET_CARD)
-    finally:
-        finish(host_app, sandbox_app)
+    result = die_in_a_transaction(pcscd_rig.socket_path, served.socket_path, READER)
+    # As pcscd does for a client that dies in a transaction: the card is reset and the
+    # transaction is free again.
+    assert result["status_rv"] == ReturnCode.SCARD_W_RESET_CARD, result
+    assert result["begin_rv"] in (0, ReturnCode.SCARD_W_RESET_CARD)

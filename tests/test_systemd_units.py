@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from pcscbridge.transports.endpoints import parse_endpoint
-from rig.bridge_processes import Bridge
-from rig.pcscd_rig import PcscdRig, run_pcsc_client
+from rig.bridge_processes import Bridge, BridgeProcess
+from rig.pcscd_rig import PcscdRig, assert_clients_see_the_same
 from rig.service import wait_until
 
 UNITS = Path(__file__).parents[1] / "contrib" / "systemd"
@@ -152,34 +152,19 @@ class Activated:
         assert argv[0] == INSTALLED_AS
         self.link = next(word for word in argv if word.startswith("unix:"))
         Path(self.link.removeprefix("unix:")).parent.mkdir(parents=True, exist_ok=True)
-        self.log_path = folder / "activated.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                ["systemd-socket-activate", "-l", self.socket_path, PCSCBRIDGE, *argv[1:], "-v"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        self.process = BridgeProcess(
+            "guest",
+            [*argv[1:], "-v"],
+            folder / "activated.log",
+            dict(os.environ),
+            program=["systemd-socket-activate", "-l", self.socket_path, PCSCBRIDGE],
+        )
 
     def wait_for(self, condition: Callable[[], bool], what: str) -> None:
         def alive() -> None:
-            assert self.process.poll() is None, f"exited while waiting for {what}:\n{self.log}"
+            assert self.process.alive(), f"exited while waiting for {what}:\n{self.process.log}"
 
         wait_until(condition, 10, what, give_up=alive)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        return self.process.wait()
 
 
 def _moved(word: str, runtime: Path) -> str:
@@ -194,11 +179,11 @@ def activated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Activa
         tmp_path, units / "pcscbridge-guest.service", units / "pcscbridge-guest.socket"
     )
     yield running
-    running.stop()
+    running.process.stop(signal.SIGTERM)
     failed = getattr(request.node, "rep_call", None)
     if failed is not None and failed.failed:
-        print(f"--- activated guest ---\n{running.log}")
-    assert "Traceback" not in running.log, running.log
+        print(f"--- activated guest ---\n{running.process.log}")
+    assert "Traceback" not in running.process.log, running.process.log
 
 
 @pytest.mark.rig
@@ -213,18 +198,14 @@ def test_socket_activated_guest_serves_real_clients(
     bridge.socket_path = activated.socket_path
     assert bridge.guest_readers() == []  # no host attached yet; the guest now runs
     activated.wait_for(lambda: os.path.exists(link_path), "the link socket")
-    assert "Execing" in activated.log
+    assert "Execing" in activated.process.log
     bridge.start_host()
     try:
         bridge.wait_for_readers(pcscd_rig.reader_names)
-        for args in (["pcsc_scan", "-r"], ["opensc-tool", "-r", "0", "-a"]):
-            direct = run_pcsc_client(args, pcscd_rig.socket_path, timeout=30)
-            through = run_pcsc_client(args, activated.socket_path, timeout=30)
-            assert through.returncode == 0, through.stdout + through.stderr
-            assert through.stdout == direct.stdout
+        assert_clients_see_the_same(pcscd_rig.socket_path, activated.socket_path)
     finally:
         bridge.stop()
-    assert activated.stop() == 0, activated.log
+    assert activated.process.stop(signal.SIGTERM) == 0, activated.process.log
     # systemd owns the activated socket: the guest leaves it; its own link socket it removes.
     assert os.path.exists(activated.socket_path)
     wait_until(lambda: not os.path.exists(link_path), 5, "the link socket to go")
