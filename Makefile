@@ -3,10 +3,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
-APT_PACKAGES := pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc openssh-server socat \
+APT_PACKAGES := pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc openssh-server socat systemd \
 	gcc python3-dev python3-venv iproute2 util-linux
 
-.PHONY: deps venv test demo bench lint clean
+.PHONY: deps venv test demo bench lint clean dist man completions
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -33,9 +33,34 @@ bench: venv
 	@$(VENV)/bin/python -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
+# Packaging: a wheel and an sdist; the man page and shell completions, made from the parser.
+DIST_DIR ?= dist
+MAN_DIR ?= build/man
+COMPLETIONS_DIR ?= build/completions
+# Defaults that depend on the machine are shown by name, not with this machine's values.
+FROM_PARSER := XDG_RUNTIME_DIR='$$XDG_RUNTIME_DIR'
+
+dist: venv
+	$(VENV)/bin/python -m build --outdir $(DIST_DIR) .
+
+man: venv
+	@mkdir -p $(MAN_DIR)
+	$(FROM_PARSER) $(VENV)/bin/argparse-manpage --module pcscbridge.cli --function build_parser \
+		--prog pcscbridge --project-name pcscbridge --manual-title "pcscbridge manual" \
+		--version "$$($(VENV)/bin/pcscbridge --version | cut -d' ' -f2)" \
+		--description "the host's smart card readers for VMs, containers and sandboxes" \
+		--include docs/pcscbridge.1.include --output $(MAN_DIR)/pcscbridge.1
+
+completions: venv
+	@mkdir -p $(COMPLETIONS_DIR)
+	$(FROM_PARSER) $(VENV)/bin/shtab --shell=bash -u pcscbridge.cli.build_parser \
+		> $(COMPLETIONS_DIR)/pcscbridge.bash
+	$(FROM_PARSER) $(VENV)/bin/shtab --shell=zsh -u pcscbridge.cli.build_parser \
+		> $(COMPLETIONS_DIR)/_pcscbridge
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

@@ -25,15 +25,22 @@ from .transports.endpoints import (
 )
 
 if TYPE_CHECKING:
+    from .guest.server import GuestServer
+    from .guest.session import SessionOptions
     from .host.backend import Backend
     from .host.runner import LinkKeeper
-    from .host.service import Service
+    from .host.service import HostLimits, Service
     from .link.endpoint import LinkLimits
+    from .transports.process import ProcessStream
 
 log = logging.getLogger("pcscbridge")
 
 EXIT_USAGE = 2
 EXIT_GUEST_UNREACHABLE = 69  # attach: no guest server (EX_UNAVAILABLE); --ssh maps it
+
+
+class UsageError(SetupError):
+    exit_code = EXIT_USAGE
 
 
 def _endpoint(text: str) -> Endpoint:
@@ -73,44 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help="read option defaults from FILE alone (default: /etc/pcscbridge/"
+            "pcscbridge.toml, then $XDG_CONFIG_HOME/pcscbridge/pcscbridge.toml)",
+        )
         return sub
 
     guest = command("guest", "In the guest: impersonate pcscd and wait for the host's link.")
-    guest.add_argument(
-        "--listen",
-        metavar="PATH",
-        help="UNIX socket for pcsc-lite clients (point PCSCLITE_CSOCK_NAME at it); "
-        "optional under systemd socket activation",
-    )
+    _add_client_options(guest)
     guest.add_argument(
         "--link",
         type=_endpoint,
         default=default_link,
         metavar="ENDPOINT",
-        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio "
+        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio; or "
+        f"exec:COMMAND, run when a client needs the host, its stdin/stdout the link "
         f"(default {default_link})",
     )
-    guest.add_argument(
-        "--legacy-readers",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="when the host has more readers than clients of protocol 4.5 or older can see "
-        "(--reader-slots), show the readers whose name matches PATTERN (fnmatch, "
-        "case-sensitive) first; repeatable, earlier patterns first, then the other readers "
-        "in table order. 4.6 clients always see every reader",
-    )
-    guest.add_argument(
-        "--reader-slots",
-        type=_reader_slots,
-        default=16,
-        metavar="N",
-        help="the readers table size of clients of protocol 4.5 or older, and of every "
-        "client's CMD_GET_READERS_STATE: PCSCLITE_MAX_READERS_CONTEXTS of the guest's "
-        "libpcsclite build (default 16, as Debian and upstream; Fedora builds 48)",
-    )
 
-    _add_guest_limits(guest)
     _add_link_limits(guest)
     _add_status_socket(guest, "guest")
 
@@ -128,19 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run `pcscbridge attach` in the guest over SSH (an ~/.ssh/config alias or "
         "[user@]host[:port])",
     )
-    host.add_argument(
-        "--backend",
-        choices=("pyscard", "sim"),
-        default="pyscard",
-        help="the host's PC/SC through pyscard (default), or simulated readers",
+    target.add_argument(
+        "--link",
+        choices=("stdio",),
+        help="serve one link on stdin/stdout, then exit: what a guest's `--link exec:COMMAND` "
+        "runs (the qrexec service; QREXEC_REMOTE_DOMAIN names the guest)",
     )
+    _add_service_options(host)
     host.add_argument(
-        "--sim-readers",
-        type=_sim_readers,
-        default=2,
-        metavar="N",
-        help="with --backend sim: N simulated readers named 'Sim Reader XX 00' (XX = 00, 01, "
-        "... in hex), a card in the first (default 2)",
+        "--ssh-client",
+        choices=("paramiko", "openssh"),
+        default="paramiko",
+        help="with --ssh: dial with paramiko (default), or run the system's `ssh -T` (for "
+        "what paramiko does not follow: Include, Match, certificates, FIDO and PKCS#11 keys, "
+        "GSSAPI)",
     )
     host.add_argument(
         "--ssh-config", type=Path, metavar="FILE", help="ssh config file (default ~/.ssh/config)"
@@ -163,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the guest server's link endpoint, passed to attach (default: attach's default)",
     )
 
-    _add_host_limits(host)
     _add_link_limits(host)
     _add_status_socket(host, "host")
 
@@ -188,6 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
         "sockets, whichever answer)",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON documents")
+    serve = command(
+        "serve",
+        "On one machine: serve the host's readers on a socket, no link (for a socket "
+        "bind-mounted into a container or a Flatpak sandbox).",
+    )
+    _add_client_options(serve)
+    _add_service_options(serve)
+    _add_status_socket(serve, "serve")
+
+    doctor = command(
+        "doctor",
+        "Check PC/SC, the guest server, its link and the units here; each finding with its "
+        "fix. Exit status 1 when something is broken.",
+    )
+    doctor.add_argument(
+        "--libpcsclite",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also check which protocol this client library speaks and whether the PC/SC "
+        "socket accepts it (e.g. a Flatpak runtime's libpcsclite.so.1); repeatable",
+    )
 
     command("demo", "Run the whole bridge with simulated readers and show a client using it.")
     return parser
@@ -307,6 +318,55 @@ def _link_limits(args: argparse.Namespace) -> LinkLimits:
     return LinkLimits(args.link_max_in_flight, args.link_max_unread, args.link_write_timeout)
 
 
+def _add_client_options(sub: argparse.ArgumentParser) -> None:
+    """The pcsc-lite clients' side: pcscd's socket and what the clients see (guest, serve)."""
+    _add_guest_limits(sub)
+    sub.add_argument(
+        "--listen",
+        metavar="PATH",
+        help="UNIX socket for pcsc-lite clients (point PCSCLITE_CSOCK_NAME at it); "
+        "optional under systemd socket activation",
+    )
+    sub.add_argument(
+        "--legacy-readers",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="when the host has more readers than clients of protocol 4.5 or older can see "
+        "(--reader-slots), show the readers whose name matches PATTERN (fnmatch, "
+        "case-sensitive) first; repeatable, earlier patterns first, then the other readers "
+        "in table order. 4.6 clients always see every reader",
+    )
+    sub.add_argument(
+        "--reader-slots",
+        type=_reader_slots,
+        default=16,
+        metavar="N",
+        help="the readers table size of clients of protocol 4.5 or older, and of every "
+        "client's CMD_GET_READERS_STATE: PCSCLITE_MAX_READERS_CONTEXTS of the guest's "
+        "libpcsclite build (default 16, as Debian and upstream; Fedora builds 48)",
+    )
+
+
+def _add_service_options(sub: argparse.ArgumentParser) -> None:
+    """The host service: which PC/SC it serves (host, serve). Checkpoint options go here too."""
+    _add_host_limits(sub)
+    sub.add_argument(
+        "--backend",
+        choices=("pyscard", "sim"),
+        default="pyscard",
+        help="the host's PC/SC through pyscard (default), or simulated readers",
+    )
+    sub.add_argument(
+        "--sim-readers",
+        type=_sim_readers,
+        default=2,
+        metavar="N",
+        help="with --backend sim: N simulated readers named 'Sim Reader XX 00' (XX = 00, 01, "
+        "... in hex), a card in the first (default 2)",
+    )
+
+
 def configure_logging(verbosity: int) -> None:
     level = logging.DEBUG if verbosity else logging.INFO
     logging.basicConfig(
@@ -318,7 +378,13 @@ def configure_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .config import ConfigError, parse_arguments
+
+    try:
+        args = parse_arguments(build_parser, argv)
+    except ConfigError as exc:
+        print(f"pcscbridge: {exc}", file=sys.stderr)
+        return exc.exit_code
     configure_logging(args.verbose)
     try:
         if args.command == "guest":
@@ -329,13 +395,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_attach, args)
         if args.command == "status":
             return _status(args)
+        if args.command == "serve":
+            return trio.run(_until_stopped, _serve, args)
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(args, build_parser)
         if args.command == "demo":
             from .demo import run_demo
 
             return run_demo()
-    except EndpointError as exc:
+    except SetupError as exc:
         print(f"pcscbridge {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE
@@ -367,29 +439,14 @@ async def _until_stopped(
 
 async def _guest(args: argparse.Namespace) -> int:
     from .guest.server import GuestServer
-    from .guest.session import SessionOptions
-    from .transports.endpoints import connect, open_listener, systemd_listeners, unix_listener
+    from .transports.endpoints import connect, open_listener
 
-    activated = systemd_listeners()
-    if activated:
-        client_listener = activated[0]
-    elif args.listen:
-        client_listener = await unix_listener(args.listen, 0o666)  # as pcscd's socket
-    else:
-        print("pcscbridge guest: --listen PATH is required (or socket activation)", file=sys.stderr)
-        return EXIT_USAGE
+    activated, created = await _pcscd_socket(args)
+    client_listener = activated.pop(0)
     server = GuestServer(
-        SessionOptions(
-            reader_slots=args.reader_slots,
-            legacy_readers=tuple(args.legacy_readers),
-            max_handles=args.max_handles,
-            unread_limit=args.max_unread,
-        ),
-        max_clients=args.max_clients,
-        link_limits=_link_limits(args),
+        _session_options(args), max_clients=args.max_clients, link_limits=_link_limits(args)
     )
     link: Endpoint = args.link
-    created = [] if activated else [args.listen]
     log.info(
         "serving pcsc-lite clients on %s; host link on %s",
         args.listen or "the activated socket",
@@ -400,19 +457,94 @@ async def _guest(args: argparse.Namespace) -> int:
             nursery.start_soon(_serve_status, args, "guest", {"guest": server.statistics})
             if link.kind == "stdio":
                 await server.serve(client_listener, link_stream=await connect(link))
-            elif len(activated) > 1:
-                await server.serve(client_listener, link_listener=activated[1])
+            elif link.kind == "exec":
+                await _guest_with_link_on_demand(server, client_listener, link)
+            elif activated:
+                await server.serve(client_listener, link_listener=activated[0])
             else:
                 link_listener = await open_listener(link)
                 if link.kind == "unix":
                     created.append(link.path)
                 await server.serve(client_listener, link_listener=link_listener)
+            nursery.cancel_scope.cancel()
     finally:
         # pcscd removes its socket on exit; so do we, for both our sockets.
         for path in created:
             with contextlib.suppress(OSError):
                 os.unlink(path)
     return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .host.service import open_host_service
+    from .serve import serve_locally
+
+    backend = _backend(args.backend, args.sim_readers)
+    activated, created = await _pcscd_socket(args)
+    where = args.listen or "the activated socket"
+    log.info("serving the host's readers (%s) to pcsc-lite clients on %s", args.backend, where)
+    try:
+        async with open_host_service(backend, _host_limits(args)) as core:
+            await serve_locally(
+                activated[0],
+                _checked(core, args),
+                _session_options(args),
+                guest=f"local:{where}",
+                max_clients=args.max_clients,
+                status=lambda server: _serve_status(
+                    args, "serve", {"guest": server.statistics, "service": core.statistics}
+                ),
+            )
+    finally:
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return 0
+
+
+def _session_options(args: argparse.Namespace) -> SessionOptions:
+    from .guest.session import SessionOptions
+
+    return SessionOptions(
+        reader_slots=args.reader_slots,
+        legacy_readers=tuple(args.legacy_readers),
+        max_handles=args.max_handles,
+        unread_limit=args.max_unread,
+    )
+
+
+def _host_limits(args: argparse.Namespace) -> HostLimits:
+    from .host.service import HostLimits
+
+    return HostLimits(args.max_guest_contexts, args.max_host_contexts)
+
+
+async def _pcscd_socket(args: argparse.Namespace) -> tuple[list[trio.SocketListener], list[str]]:
+    """The socket pcsc-lite clients use, first, then any other socket systemd passed; and the
+    paths this process created (to remove at exit). `--listen PATH` unless socket-activated."""
+    from .transports.endpoints import systemd_listeners, unix_listener
+
+    activated = systemd_listeners()
+    if activated:
+        return activated, []
+    if not args.listen:
+        raise UsageError("--listen PATH is required (or socket activation)")
+    return [await unix_listener(args.listen, 0o666)], [args.listen]  # 0666 as pcscd's socket
+
+
+async def _guest_with_link_on_demand(
+    server: GuestServer, client_listener: trio.SocketListener, link: Endpoint
+) -> None:
+    from .guest.ondemand import LinkOnDemand
+    from .transports.process import open_process_stream
+
+    async def open_link() -> ProcessStream:
+        return await open_process_stream(link.command, what=str(link))
+
+    demand = LinkOnDemand(server.host, open_link, name=str(link))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(demand.run)
+        await server.serve(demand.listener(client_listener))
 
 
 def _backend(name: str, sim_readers: int = 2) -> Backend:
@@ -437,15 +569,16 @@ def _checked(core: Service, args: argparse.Namespace) -> Service:
 
 
 async def _host(args: argparse.Namespace) -> int:
-    from .host.service import HostLimits, open_host_service
+    from .host.service import open_host_service
 
     backend = _backend(args.backend, args.sim_readers)
-    limits = HostLimits(args.max_guest_contexts, args.max_host_contexts)
     # Every front-end reaches the backend through this one service; policy and audit wrap it.
-    async with open_host_service(backend, limits) as core:
+    async with open_host_service(backend, _host_limits(args)) as core:
         service = _checked(core, args)
         if args.ssh:
             return await _host_over_ssh(args, service)
+        if args.link:
+            return await _host_over_stdio(args, service)
         return await _host_over_link(args, service)
 
 
@@ -478,6 +611,23 @@ def _core(service: Any) -> Any:
     return service
 
 
+async def _host_over_stdio(args: argparse.Namespace, service: Service) -> int:
+    from .host.agent import HostAgent
+    from .transports.stdio import StdioStream
+
+    # Under qrexec the calling qube's name is the guest's identity (policy, audit, logs).
+    guest = os.environ.get("QREXEC_REMOTE_DOMAIN") or "stdio"
+    log.info("serving the host's readers (%s) to %s over stdio", args.backend, guest)
+    agent = HostAgent(service, guest=guest, link_limits=_link_limits(args))
+    async with trio.open_nursery() as nursery:
+        providers = {"link": agent.statistics, "service": _core(service).statistics}
+        nursery.start_soon(_serve_status, args, "host", providers)
+        await agent.serve(StdioStream())
+        nursery.cancel_scope.cancel()
+    log.info("the link to %s ended", guest)
+    return 0
+
+
 async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
     from .host.runner import LinkKeeper
     from .transports.endpoints import connect
@@ -502,6 +652,7 @@ async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
 async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
     from .host.runner import LinkKeeper
     from .transports.ssh import SSHLinkError, SSHTarget, open_ssh_link
+    from .transports.ssh.openssh import open_openssh_link
 
     command = f"{shlex.quote(args.remote_pcscbridge)} attach"
     if args.guest_link is not None:
@@ -510,10 +661,11 @@ async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
         args.ssh, remote_command=command, ssh_config=args.ssh_config, accept_new=args.accept_new
     )
     attached_once = False
+    opener = open_openssh_link if args.ssh_client == "openssh" else open_ssh_link
 
     async def open_link() -> trio.abc.Stream:
         nonlocal attached_once
-        link = await open_ssh_link(target)
+        link: trio.abc.Stream = await opener(target)
         attached_once = True
         return link
 

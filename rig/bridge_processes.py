@@ -28,7 +28,8 @@ class BridgeError(RuntimeError):
 
 
 class BridgeProcess:
-    """One `pcscbridge ...` process with its log in a file."""
+    """One `pcscbridge ...` process with its log in a file (`program`: what runs pcscbridge,
+    when not the test's python, e.g. systemd-socket-activate)."""
 
     def __init__(
         self,
@@ -37,13 +38,15 @@ class BridgeProcess:
         log_path: Path,
         env: dict[str, str],
         prefix: list[str] | None = None,
+        program: list[str] | None = None,
     ) -> None:
-        """`prefix`: a command the process runs under (e.g. `prlimit --nofile=64 --`)."""
+        """`prefix`: a command the process runs under (e.g. `prlimit --nofile=64 --`);
+        `program`: what runs instead of `python -m pcscbridge`."""
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
-            [*(prefix or []), *PCSCBRIDGE, *argv],
+            [*(prefix or []), *(program or PCSCBRIDGE), *argv],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -232,6 +235,17 @@ def _wait_for(
     except TimeoutError:
         log = process.log if process is not None else ""
         raise BridgeError(f"timed out after {timeout}s waiting for {what}\n{log}") from None
+
+
+def stop_bridges(bridges: list[Bridge], request: Any) -> None:
+    """At a test's end: stop them, show their logs if the test failed; none may have crashed."""
+    failed = getattr(request.node, "rep_call", None)
+    for bridge in bridges:
+        bridge.stop()
+        if failed is not None and failed.failed:
+            print(bridge.logs())
+    for bridge in bridges:
+        assert "Traceback" not in bridge.logs(), bridge.logs()
 
 
 def have(program: str) -> bool:

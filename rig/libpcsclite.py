@@ -11,23 +11,16 @@ were loaded.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import shutil
-import socket
-import struct
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcscbridge.pcsclite.messages import Command
-from pcscbridge.testing.rawclient import recv_exactly
+from pcscbridge.doctor.probe import ProbeError, probe_client
 
 PACKAGE = "libpcsclite1"
 LIBRARY = "libpcsclite.so.1"
@@ -213,62 +206,22 @@ class ProbeResult:
 
 
 def probe_protocol(lib: ClientLib, python: str | None = None) -> ProbeResult:
-    """Run a ctypes client with ``lib`` against a socket of ours; read its CMD_VERSION.
-
-    No pcscd is involved: the 20 bytes a client sends first (header {12, 0x11} + {major,
-    minor, 0}, spec §5.1/§6) are read, then the connection is closed, which makes
-    SCardEstablishContext fail quickly in every version.
-    """
+    """Run a ctypes client with ``lib`` against a socket of ours; read its CMD_VERSION
+    (pcscbridge.doctor.probe), and which files it had mapped."""
     python = python or sys.executable
-    with tempfile.TemporaryDirectory(prefix="pcscbridge-probe-") as tmp:
-        sock_path = os.path.join(tmp, "pcscd.comm")
-        env = lib.env({**os.environ, "PCSCLITE_CSOCK_NAME": sock_path})
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
-            srv.bind(sock_path)
-            srv.listen(1)
-            proc = subprocess.Popen(
-                lib.command([python, "-I", "-c", _PROBE_SCRIPT]),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            try:
-                data = _first_bytes(srv, proc, 20)
-                out, err = proc.communicate(timeout=PROBE_TIMEOUT)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.communicate()
-    if len(data) != 20:
-        raise ClientLibError(
-            f"{lib.suite} {PACKAGE} {lib.deb_version}: the probe client sent {data!r} instead "
-            f"of a CMD_VERSION (exit {proc.returncode}): {err.strip()[-1000:]}"
-        )
-    size, cmd, major, minor, rv = struct.unpack("<IIiiI", data)
-    if (size, cmd, rv) != (12, Command.CMD_VERSION, 0):
-        raise ClientLibError(f"{lib.suite} {PACKAGE}: unexpected first message {data.hex()}")
     try:
-        maps = json.loads(out.strip().splitlines()[-1])["maps"]
+        probe = probe_client(
+            lib.command([python, "-I", "-c", _PROBE_SCRIPT]),
+            lib.env(os.environ),
+            PROBE_TIMEOUT,
+        )
+    except ProbeError as exc:
+        raise ClientLibError(f"{lib.suite} {PACKAGE} {lib.deb_version}: {exc}") from None
+    try:
+        maps = json.loads(probe.stdout.strip().splitlines()[-1])["maps"]
     except (ValueError, IndexError, KeyError) as e:
-        raise ClientLibError(f"{lib.suite} probe printed {out!r}, stderr {err!r}") from e
-    return ProbeResult(major, minor, maps)
-
-
-def _first_bytes(srv: socket.socket, proc: subprocess.Popen[str], n: int) -> bytes:
-    """Accept one connection and read n bytes, giving up if the client dies or times out."""
-    deadline = time.monotonic() + PROBE_TIMEOUT
-    srv.settimeout(0.05)
-    conn = None
-    while conn is None:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            return b""
-        with contextlib.suppress(TimeoutError):
-            conn, _ = srv.accept()
-    with conn:
-        # libpcsclite sends header and body with separate send()s: read until n bytes.
-        conn.settimeout(max(0.1, deadline - time.monotonic()))
-        return recv_exactly(conn, n)
+        raise ClientLibError(f"{lib.suite} probe printed {probe.stdout!r}") from e
+    return ProbeResult(probe.major, probe.minor, maps)
 
 
 def check_loaded(lib: ClientLib, mapped: list[str]) -> str | None:

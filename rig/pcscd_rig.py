@@ -575,3 +575,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+SCAN_AND_ATR = (["pcsc_scan", "-r"], ["opensc-tool", "-r", "0", "-a"])
+
+
+def assert_clients_see_the_same(direct_socket: str, bridged_socket: str) -> str:
+    """pcsc_scan and opensc-tool print through the bridge what they print against pcscd; the
+    last output (opensc-tool's, with reader 0's ATR)."""
+    for args in SCAN_AND_ATR:
+        direct = run_pcsc_client(args, direct_socket, timeout=30)
+        bridged = run_pcsc_client(args, bridged_socket, timeout=30)
+        assert direct.returncode == 0, direct.stdout + direct.stderr
+        assert bridged.returncode == 0, bridged.stdout + bridged.stderr
+        assert bridged.stdout == direct.stdout
+    return bridged.stdout

@@ -58,3 +58,50 @@ def finish(*processes: subprocess.Popen[str]) -> None:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=5)
+
+
+# --- scenes that end-to-end tests of every path share ------------------------------------------
+
+
+def echo_side_by_side(sockets: dict[str, str], reader: str, count: int) -> None:
+    """`echo-loop` COUNT times in one process per tag, each on its socket, all at once; every
+    answer must be that process's own."""
+    from .pcsc_programs import json_lines
+
+    apps = [
+        spawn_program(["echo-loop", reader, tag, str(count)], path) for tag, path in sockets.items()
+    ]
+    try:
+        results = []
+        for app in apps:
+            out, err = app.communicate(timeout=60)
+            assert app.returncode == 0, err
+            results.extend(json_lines(out))
+        assert sorted(r["tag"] for r in results) == sorted(sockets)
+        assert all(r["wrong"] == 0 and r["count"] == count for r in results)
+    finally:
+        finish(*apps)
+
+
+def die_in_a_transaction(host_socket: str, client_socket: str, reader: str) -> dict[str, int]:
+    """A client on `client_socket` begins a transaction and is killed; what a host application
+    on `host_socket` sees next: {"status_rv", "begin_rv"} (pcscd resets the card)."""
+    from .pcsc_programs import json_lines
+
+    host_app = spawn_program(["card-after-reset", reader], host_socket)
+    expect_line(host_app, "CONNECTED")
+    client_app = spawn_program(["begin-transaction", reader], client_socket)
+    try:
+        expect_line(client_app, "CONNECTED")
+        expect_line(client_app, "BEGUN")
+        client_app.kill()  # dies holding the transaction
+        client_app.wait(5)
+        assert host_app.stdin is not None
+        host_app.stdin.write("\n")
+        host_app.stdin.flush()
+        out, err = host_app.communicate(timeout=30)
+        results = json_lines(out)
+        assert len(results) == 1, err
+        return {key: int(value) for key, value in results[0].items()}
+    finally:
+        finish(host_app, client_app)

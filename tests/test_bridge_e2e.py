@@ -11,9 +11,17 @@ import pytest
 
 from pcscbridge.pcsc import ReturnCode
 from rig.bridge_processes import Bridge
-from rig.pcsc_programs import assert_full_results_match, json_lines
+from rig.pcsc_programs import assert_full_results_match
 from rig.pcscd_rig import PcscdRig, run_pcsc_client
-from rig.processes import PROGRAMS, expect_line, finish, no_line_within, spawn_program
+from rig.processes import (
+    PROGRAMS,
+    die_in_a_transaction,
+    echo_side_by_side,
+    expect_line,
+    finish,
+    no_line_within,
+    spawn_program,
+)
 
 pytestmark = pytest.mark.rig
 
@@ -101,45 +109,21 @@ def test_host_transaction_makes_the_guest_wait(pcscd_rig: PcscdRig, bridge: Brid
 
 
 def test_host_and_guest_transmit_interleaved(pcscd_rig: PcscdRig, bridge: Bridge) -> None:
-    apps = [
-        spawn_program(["echo-loop", READER, "host", "300"], pcscd_rig.socket_path),
-        spawn_program(["echo-loop", READER, "guest1", "300"], bridge.socket_path),
-        spawn_program(["echo-loop", READER, "guest2", "300"], bridge.socket_path),
-    ]
-    try:
-        results = []
-        for app in apps:
-            out, err = app.communicate(timeout=60)
-            assert app.returncode == 0, err
-            results.extend(json_lines(out))
-        assert sorted(r["tag"] for r in results) == ["guest1", "guest2", "host"]
-        assert all(r["wrong"] == 0 and r["count"] == 300 for r in results)
-    finally:
-        finish(*apps)
+    echo_side_by_side(
+        {"host": pcscd_rig.socket_path, "guest1": bridge.socket_path, "guest2": bridge.socket_path},
+        READER,
+        300,
+    )
 
 
 def test_guest_app_dying_in_a_transaction_resets_the_card(
     pcscd_rig: PcscdRig, bridge: Bridge
 ) -> None:
-    host_app = spawn_program(["card-after-reset", READER], pcscd_rig.socket_path)
-    expect_line(host_app, "CONNECTED")
-    guest_app = spawn_program(["begin-transaction", READER], bridge.socket_path)
-    try:
-        expect_line(guest_app, "CONNECTED")
-        expect_line(guest_app, "BEGUN")
-        guest_app.kill()  # dies holding the transaction
-        guest_app.wait(5)
-        assert host_app.stdin is not None
-        host_app.stdin.write("\n")
-        host_app.stdin.flush()
-        out, err = host_app.communicate(timeout=30)
-        [result] = json_lines(out)
-        # The host app sees the reset that pcscd does for a client dying in a transaction, and
-        # the transaction is free again.
-        assert result["status_rv"] == ReturnCode.SCARD_W_RESET_CARD, err
-        assert result["begin_rv"] in (0, ReturnCode.SCARD_W_RESET_CARD)
-    finally:
-        finish(host_app, guest_app)
+    result = die_in_a_transaction(pcscd_rig.socket_path, bridge.socket_path, READER)
+    # The host app sees the reset that pcscd does for a client dying in a transaction, and
+    # the transaction is free again.
+    assert result["status_rv"] == ReturnCode.SCARD_W_RESET_CARD, result
+    assert result["begin_rv"] in (0, ReturnCode.SCARD_W_RESET_CARD)
 
 
 def test_link_loss_removes_readers_and_reconnect_brings_them_back(

@@ -13,7 +13,7 @@ from ..transports.accepting import Acceptor
 from .hostlink import LINK_KEEPALIVE, HostLink
 from .mirror import ReaderMirror
 from .registry import HandleRegistry
-from .session import ClientSession, SessionOptions
+from .session import ClientSession, Host, SessionOptions
 
 log = logging.getLogger("pcscbridge.guest")
 
@@ -28,11 +28,16 @@ class GuestServer:
         keepalive: float | None = LINK_KEEPALIVE,
         max_clients: int = MAX_CLIENTS,
         link_limits: LinkLimits | None = None,
+        mirror: ReaderMirror | None = None,
+        card_host: Host | None = None,
     ) -> None:
         self.options = options or SessionOptions()
-        self.mirror = ReaderMirror()
+        self.mirror = mirror or ReaderMirror()
         self.registry: HandleRegistry[ClientSession] = HandleRegistry()
         self.host = HostLink(self.mirror, keepalive=keepalive, limits=link_limits)
+        # Where the sessions' card calls go: the attached link's host, or a host in this
+        # process (`pcscbridge serve`, which feeds `mirror` itself).
+        self.card_host: Host = card_host or self.host
         self.clients = Acceptor(
             self._serve_client, what="pcsc-lite clients", log=log, max_connections=max_clients
         )
@@ -78,7 +83,7 @@ class GuestServer:
             f"#{next(self._client_numbers)}",
             mirror=self.mirror,
             registry=self.registry,
-            host=self.host,
+            host=self.card_host,
             options=self.options,
             stats=self.calls,
         )

@@ -7,27 +7,12 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ..backoff import Backoff
 from ..link.endpoint import LinkLimits
 from .agent import HostAgent
 from .service import Service
 
 log = logging.getLogger("pcscbridge.host")
-
-FIRST_DELAY = 0.5
-MAX_DELAY = 10.0
-STABLE_AFTER = 10.0  # a link that lived this long resets the backoff
-
-
-class Backoff:
-    def __init__(self, first: float = FIRST_DELAY, maximum: float = MAX_DELAY) -> None:
-        self.first, self.maximum, self.delay = first, maximum, first
-
-    def next(self) -> float:
-        delay, self.delay = self.delay, min(self.delay * 2, self.maximum)
-        return delay
-
-    def reset(self) -> None:
-        self.delay = self.first
 
 
 class LinkKeeper:
@@ -78,8 +63,7 @@ class LinkKeeper:
                 await self._agent.serve(stream)
             finally:
                 self._agent = None
-            if trio.current_time() - started > STABLE_AFTER:
-                backoff.reset()
+            backoff.lived(trio.current_time() - started)
             delay = backoff.next()
             log.warning("link to %s ended; reconnecting in %.1f s", self.guest, delay)
             await trio.sleep(delay)

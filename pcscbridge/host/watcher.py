@@ -66,7 +66,9 @@ async def _watch_with_context(
                 ReaderState(name) if refresh else known.get(name) or ReaderState(name)
                 for name in names
             ]
-            publish(tuple(_host_reader(known[name]) for name in names if name in known))
+            if all(name in known for name in names):
+                # Only whole tables: a reader listed but not looked at yet is not "no reader".
+                publish(tuple(_host_reader(known[name]) for name in names))
             groups = _groups(_next_round([pnp, *states]))
             while len(contexts) < len(groups):
                 contexts.append(

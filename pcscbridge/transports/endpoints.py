@@ -1,18 +1,22 @@
-"""Link endpoints: `unix:PATH`, `tcp:HOST:PORT`, `stdio`; listeners and connections for each."""
+"""Link endpoints: `unix:PATH`, `tcp:HOST:PORT`, `stdio`, `exec:COMMAND`; listeners and
+connections for each."""
 
 from __future__ import annotations
 
 import errno
 import ipaddress
 import os
+import shlex
 import socket
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from ..errors import SetupError
+from .process import open_process_stream
 from .stdio import StdioStream
 
 
@@ -22,10 +26,11 @@ class EndpointError(SetupError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    kind: str  # "unix", "tcp" or "stdio"
+    kind: str  # "unix", "tcp", "stdio" or "exec"
     path: str = ""
     host: str = ""
     port: int = 0
+    command: tuple[str, ...] = ()  # exec: the program and its arguments
 
     def __str__(self) -> str:
         if self.kind == "unix":
@@ -33,13 +38,19 @@ class Endpoint:
         if self.kind == "tcp":
             host = f"[{self.host}]" if ":" in self.host else self.host
             return f"tcp:{host}:{self.port}"
+        if self.kind == "exec":
+            return f"exec:{shlex.join(self.command)}"
         return "stdio"
 
 
-def default_link_endpoint() -> Endpoint:
-    """$XDG_RUNTIME_DIR/pcscbridge/link.sock, else /tmp/pcscbridge-UID/link.sock."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "pcscbridge" if runtime else Path(f"/tmp/pcscbridge-{os.getuid()}")
+def default_link_endpoint(
+    environ: Mapping[str, str] | None = None, uid: int | None = None
+) -> Endpoint:
+    """$XDG_RUNTIME_DIR/pcscbridge/link.sock, else /tmp/pcscbridge-UID/link.sock (of this
+    process, or of one with that environment and user id)."""
+    runtime = (os.environ if environ is None else environ).get("XDG_RUNTIME_DIR")
+    uid = os.getuid() if uid is None else uid
+    base = Path(runtime) / "pcscbridge" if runtime else Path(f"/tmp/pcscbridge-{uid}")
     return Endpoint("unix", path=str(base / "link.sock"))
 
 
@@ -54,7 +65,22 @@ def parse_endpoint(text: str) -> Endpoint:
         host = host.strip("[]")
         if host and port.isdigit() and 0 < int(port) < 65536:
             return Endpoint("tcp", host=host, port=int(port))
-    raise EndpointError(f"bad endpoint {text!r}: use unix:PATH, tcp:HOST:PORT or stdio")
+    if kind == "exec":
+        return _exec_endpoint(text, rest)
+    raise EndpointError(
+        f"bad endpoint {text!r}: use unix:PATH, tcp:HOST:PORT, stdio or exec:COMMAND"
+    )
+
+
+def _exec_endpoint(text: str, command: str) -> Endpoint:
+    """`exec:COMMAND`, COMMAND split as a shell would (no shell runs it)."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise EndpointError(f"bad endpoint {text!r}: {exc}") from None
+    if not argv:
+        raise EndpointError(f"bad endpoint {text!r}: exec: needs a command")
+    return Endpoint("exec", command=tuple(argv))
 
 
 def _is_loopback(host: str) -> bool:
@@ -91,6 +117,9 @@ async def connect(endpoint: Endpoint) -> trio.abc.Stream:
         return stream
     if endpoint.kind == "stdio":
         return StdioStream()
+    if endpoint.kind == "exec":
+        # The command's stderr is ours: what it says goes to the same log.
+        return await open_process_stream(endpoint.command, what=str(endpoint))
     raise EndpointError(f"cannot connect to {endpoint}")
 
 

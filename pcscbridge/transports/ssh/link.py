@@ -241,7 +241,9 @@ class SSHLink(trio.abc.HalfCloseableStream):
         status = self.exit_status
         if not status:
             return None
-        return _exit_error(self._ep, self.remote_command, status, self._stderr.last(), when="")
+        return _exit_error(
+            self._ep.display, self.remote_command, status, self._stderr.last(), when=""
+        )
 
     # --- closing
 

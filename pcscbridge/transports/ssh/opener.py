@@ -46,7 +46,7 @@ async def _first_data(
     while channel.recv_stderr_ready():
         stderr.feed(channel.recv_stderr(65536))
     stderr.flush()
-    raise _exit_error(ep, command, int(channel.exit_status), stderr.last())
+    raise _exit_error(ep.display, command, int(channel.exit_status), stderr.last())
 
 
 def _plan(target: SSHTarget) -> tuple[_Resolver, _Endpoint]:

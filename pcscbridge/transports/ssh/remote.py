@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from .config import _Endpoint
 from .errors import SSHLinkError
 
 log = logging.getLogger("pcscbridge.ssh")
@@ -52,14 +51,15 @@ class _StderrLog:
 
 
 def _exit_error(
-    ep: _Endpoint, command: str, status: int, stderr: str, when: str = " before the link started"
+    who: str, command: str, status: int, stderr: str, when: str = " before the link started"
 ) -> SSHLinkError:
-    """Map the remote command's exit status (and its last stderr lines) to an SSHLinkError."""
+    """Map the remote command's exit status (and its last stderr lines) to an SSHLinkError;
+    `who` names the SSH server."""
     said = f": {stderr}" if stderr else ""
     if status in EXIT_STATUS_NOT_FOUND:
         return SSHLinkError(
             "remote_missing",
-            f"{ep.display}: the remote command could not be run (exit status {status}){said}; "
+            f"{who}: the remote command could not be run (exit status {status}){said}; "
             f"is pcscbridge installed in the guest, on the PATH of non-interactive SSH sessions? "
             f"(command: {command})",
         )
@@ -68,10 +68,10 @@ def _exit_error(
         # when it said nothing.
         hint = "" if stderr else " (start `pcscbridge guest` in the guest)"
         return SSHLinkError(
-            "no_guest_server", f"{ep.display}: the guest server is not running{said}{hint}"
+            "no_guest_server", f"{who}: the guest server is not running{said}{hint}"
         )
     how = "without an exit status (killed by a signal?)" if status < 0 else f"with status {status}"
     return SSHLinkError(
         "remote_failed",
-        f"{ep.display}: the remote command exited {how}{when}{said} (command: {command})",
+        f"{who}: the remote command exited {how}{when}{said} (command: {command})",
     )
