@@ -58,6 +58,40 @@ def _sim_readers(text: str) -> int:
     return _bounded_int(text, 0, 255)
 
 
+def _chardev(text: str) -> Endpoint:
+    endpoint = _endpoint(text)
+    if endpoint.kind not in ("unix", "tcp"):
+        raise argparse.ArgumentTypeError("a chardev is unix:PATH or tcp:HOST:PORT")
+    return endpoint
+
+
+def _idle_release(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 60.0:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 60 seconds")
+    return value
+
+
+def _add_backend_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--backend",
+        choices=("pyscard", "sim"),
+        default="pyscard",
+        help="the host's PC/SC through pyscard (default), or simulated readers",
+    )
+    sub.add_argument(
+        "--sim-readers",
+        type=_sim_readers,
+        default=2,
+        metavar="N",
+        help="with --backend sim: N simulated readers named 'Sim Reader XX 00' (XX = 00, 01, "
+        "... in hex), a card in the first (default 2)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_link = default_link_endpoint()
     parser = argparse.ArgumentParser(
@@ -121,20 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run `pcscbridge attach` in the guest over SSH (an ~/.ssh/config alias or "
         "[user@]host[:port])",
     )
-    host.add_argument(
-        "--backend",
-        choices=("pyscard", "sim"),
-        default="pyscard",
-        help="the host's PC/SC through pyscard (default), or simulated readers",
-    )
-    host.add_argument(
-        "--sim-readers",
-        type=_sim_readers,
-        default=2,
-        metavar="N",
-        help="with --backend sim: N simulated readers named 'Sim Reader XX 00' (XX = 00, 01, "
-        "... in hex), a card in the first (default 2)",
-    )
+    _add_backend_options(host)
     host.add_argument(
         "--ssh-config", type=Path, metavar="FILE", help="ssh config file (default ~/.ssh/config)"
     )
@@ -155,6 +176,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         help="the guest server's link endpoint, passed to attach (default: attach's default)",
     )
+
+    qemu = command(
+        "qemu",
+        "On the host: a host reader's card in a QEMU VM's emulated CCID reader "
+        "(usb-ccid + ccid-card-passthru), still shared with the host.",
+    )
+    qemu.add_argument(
+        "--chardev",
+        action="append",
+        required=True,
+        type=_chardev,
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="the VM's ccid-card-passthru chardev (QEMU listens: server=on,wait=off); "
+        "repeatable, one per emulated reader, paired in order with --reader",
+    )
+    qemu.add_argument(
+        "--reader",
+        action="append",
+        required=True,
+        metavar="PATTERN",
+        help="the host reader whose card the emulated reader holds: the first whose name "
+        "matches PATTERN (fnmatch, case-sensitive: 'Gemalto*', or the exact name)",
+    )
+    qemu.add_argument(
+        "--vm-name",
+        metavar="NAME",
+        help="the VM's name for the host's policy and audit (default: the chardev, "
+        "e.g. unix:/run/vm.sock)",
+    )
+    qemu.add_argument(
+        "--idle-release",
+        type=_idle_release,
+        default=0.3,
+        metavar="SECONDS",
+        help="end the host transaction that holds the card for the guest after this long "
+        "without a guest command (default 0.3)",
+    )
+    _add_backend_options(qemu)
 
     attach = command(
         "attach", "In the guest: join stdin/stdout to the guest server's link (run by SSH)."
@@ -189,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_until_stopped, _guest, args)
         if args.command == "host":
             return trio.run(_until_stopped, _host, args)
+        if args.command == "qemu":
+            return trio.run(_until_stopped, _qemu, args)
         if args.command == "attach":
             return trio.run(_attach, args)
         if args.command == "demo":
@@ -298,6 +359,27 @@ async def _host(args: argparse.Namespace) -> int:
         if args.ssh:
             return await _host_over_ssh(args, service)
         return await _host_over_link(args, service)
+
+
+async def _qemu(args: argparse.Namespace) -> int:
+    from .host.service import open_host_service
+    from .qemu.frontend import VirtualReader, VirtualReaderConfig
+
+    if len(args.reader) != len(args.chardev):
+        print("pcscbridge qemu: give one --reader per --chardev, in order", file=sys.stderr)
+        return EXIT_USAGE
+    configs = [
+        VirtualReaderConfig(chardev, pattern, args.vm_name or str(chardev), args.idle_release)
+        for chardev, pattern in zip(args.chardev, args.reader, strict=True)
+    ]
+    backend = _backend(args.backend, args.sim_readers)
+    async with open_host_service(backend) as core:
+        service = _checked(core, args)
+        async with trio.open_nursery() as nursery:
+            for config in configs:
+                log.info("feeding %s with host reader %r", config.chardev, config.reader_pattern)
+                nursery.start_soon(VirtualReader(service, config).run)
+    return 0
 
 
 async def _host_over_link(args: argparse.Namespace, service: Service) -> int:

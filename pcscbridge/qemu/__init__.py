@@ -1,0 +1,3 @@
+"""The QEMU front-end: a host reader's card in a VM's emulated CCID reader (usb-ccid with
+ccid-card-passthru), fed over QEMU's chardev in the VSCard protocol, through the host service.
+"""
