@@ -5,9 +5,10 @@ VENV := .venv
 PYTHON ?= python3
 APT_PACKAGES := pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc openssh-server socat \
 	gcc python3-dev python3-venv iproute2 util-linux
-# The QEMU tests' tiny guest: QEMU and what its initramfs is built from (rig/qemu_guest.py);
+# The QEMU tests' tiny guest: QEMU and what its initramfs is built from (rig/qemu_guest.py),
+# and libvirt's schema check for contrib/libvirt;
 # without Recommends (qemu-system-x86's would pull in a GUI).
-APT_PACKAGES_BARE := qemu-system-x86 busybox-static libccid cpio
+APT_PACKAGES_BARE := qemu-system-x86 busybox-static libccid cpio libvirt-clients libxml2-utils
 
 # $(call apt_install,PACKAGES,APT_OPTIONS): install those of PACKAGES that are missing
 define apt_install

@@ -6,6 +6,9 @@ every ordering can be sent on purpose.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from pcscbridge.pcsc import Disposition, Protocol, ShareMode
 from pcscbridge.qemu.frontend import VirtualReader, VirtualReaderConfig
 from pcscbridge.transports.endpoints import Endpoint, unix_listener
 from pcscbridge.vscard import codec as vsc
+from rig.bridge_processes import BridgeProcess
 
 R0, R1 = "Sim Reader 00 00", "Sim Reader 01 00"
 SHOWN_ATR = offer_t0(DEFAULT_ATR)  # the test card is T=1 only
@@ -269,3 +273,107 @@ async def test_a_guest_burst_keeps_host_applications_out_until_it_is_idle(
         # The host application selected the MF in its transaction: READ BINARY has no EF now.
         assert await qemu.receive() == vsc.APDU(0, bytes.fromhex("6986"))
         await host_app.aclose()
+
+
+async def test_a_silent_qemu_is_given_up_and_dialled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pcscbridge.qemu.frontend.HANDSHAKE_TIMEOUT", 0.5)
+    async with frontend(tmp_path) as setup:
+        silent = await setup.accept()
+        await silent.expect(vsc.Init(0))  # and never answers
+        await silent.expect_closed()
+        await (await setup.accept()).handshake()
+
+
+async def test_two_readers_in_one_process_over_unix_and_tcp(tmp_path: Path) -> None:
+    backend = SimulatedBackend([R0, R1])
+    backend.insert_card(R0, SimulatedCard(label="zero"))
+    backend.insert_card(R1, SimulatedCard(label="one"))
+    unix = await unix_listener(str(tmp_path / "a.sock"), 0o600)
+    (tcp,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = tcp.socket.getsockname()[1]
+    configs = [
+        VirtualReaderConfig(Endpoint("unix", path=str(tmp_path / "a.sock")), R0, "vm"),
+        VirtualReaderConfig(Endpoint("tcp", host="127.0.0.1", port=port), "*01 00", "vm"),
+    ]
+    async with open_host_service(backend) as service, trio.open_nursery() as nursery:
+        for config in configs:
+            nursery.start_soon(VirtualReader(service, config).run)
+        for listener, label in ((unix, b"zero"), (tcp, b"one")):
+            with trio.fail_after(5):
+                qemu = QemuSide(await listener.accept())  # type: ignore[arg-type]
+            await qemu.handshake()
+            await qemu.ack(vsc.ATR(0, SHOWN_ATR))
+            assert await qemu.transmit("00 A4 00 0C 02 2F 10") == bytes.fromhex("9000")
+            assert await qemu.transmit(f"00 B0 00 00 {len(label):02X}") == label + b"\x90\x00"
+        nursery.cancel_scope.cancel()
+
+
+def test_cli_serves_each_pair_and_tells_qemu_on_sigterm(tmp_path: Path) -> None:
+    """`pcscbridge qemu` as users run it (simulated readers): two chardevs, each with its
+    reader; SIGTERM removes the card and the reader from each."""
+    listeners = []
+    for name in ("a", "b"):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(tmp_path / f"{name}.sock"))
+        listener.listen(1)
+        listener.settimeout(10)
+        listeners.append(listener)
+    bridge = BridgeProcess(
+        "qemu",
+        [
+            *("qemu", "--backend", "sim", "--vm-name", "win11"),
+            *("--chardev", f"unix:{tmp_path / 'a.sock'}", "--reader", "Sim Reader 00*"),
+            *("--chardev", f"unix:{tmp_path / 'b.sock'}", "--reader", "Sim Reader 01*"),
+        ],
+        tmp_path / "bridge.log",
+        dict(os.environ),
+    )
+    try:
+        a, b = (SyncQemu(listener.accept()[0]) for listener in listeners)
+        for qemu in (a, b):
+            qemu.handshake()
+        a.ack(vsc.ATR(0, SHOWN_ATR))  # the demo card sits in the first reader only
+        a.send(vsc.APDU(0, bytes.fromhex("80 14 90 00 00")))
+        assert a.receive() == vsc.APDU(0, bytes.fromhex("9000"))
+        assert bridge.stop(signal.SIGTERM) == 0
+        assert [a.receive(), a.receive()] == [vsc.CardRemove(0), vsc.ReaderRemove(0)]
+        assert b.receive() == vsc.ReaderRemove(0)
+        assert a.closed() and b.closed()
+    finally:
+        bridge.stop()
+        for listener in listeners:
+            listener.close()
+
+
+class SyncQemu:
+    """QEMU's end of a chardev connection, blocking (for a test that runs a process)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(10)
+        self.decoder = vsc.VSCardDecoder()
+
+    def receive(self) -> vsc.Message:
+        while (message := self.decoder.next_message()) is None:
+            data = self.sock.recv(65536)
+            assert data, "closed"
+            self.decoder.receive_data(data)
+        return message
+
+    def send(self, message: vsc.Message) -> None:
+        self.sock.sendall(vsc.encode(message))
+
+    def ack(self, wanted: vsc.Message) -> None:
+        assert self.receive() == wanted
+        self.send(vsc.Error(0, vsc.SUCCESS))
+
+    def handshake(self) -> None:
+        assert self.receive() == vsc.Init(0)
+        self.send(vsc.Init(vsc.UNDEFINED_READER_ID))
+        self.ack(vsc.ReaderAdd(vsc.UNDEFINED_READER_ID))
+        self.ack(vsc.CardRemove(0))
+
+    def closed(self) -> bool:
+        return self.sock.recv(1) == b"" and self.decoder.buffered == 0
