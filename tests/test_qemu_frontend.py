@@ -377,3 +377,27 @@ class SyncQemu:
 
     def closed(self) -> bool:
         return self.sock.recv(1) == b"" and self.decoder.buffered == 0
+
+
+async def test_a_qemu_that_never_acknowledges_is_dropped(tmp_path: Path) -> None:
+    async with frontend(tmp_path) as setup:
+        qemu = await setup.accept()
+        await qemu.expect(vsc.Init(0))
+        await qemu.send(vsc.Init(vsc.UNDEFINED_READER_ID))
+        await qemu.ack(vsc.ReaderAdd(vsc.UNDEFINED_READER_ID))
+        await qemu.expect(vsc.CardRemove(0))  # from here on, nothing is acknowledged
+        await qemu.expect(vsc.ATR(0, SHOWN_ATR))
+        received = []
+        with trio.fail_after(10):
+            while True:  # each swap is a CardRemove and an ATR left unanswered
+                card = setup.backend.remove_card(R0)
+                setup.backend.insert_card(R0, card)
+                data = await qemu.stream.receive_some(65536)
+                if not data:
+                    break
+                qemu.decoder.receive_data(data)
+                while (message := qemu.decoder.next_message()) is not None:
+                    received.append(message)
+        assert 10 <= len(received) <= 16  # dropped at 16 unanswered, the opening ones counted
+        assert set(received) == {vsc.CardRemove(0), vsc.ATR(0, SHOWN_ATR)}
+        await (await setup.accept()).handshake()

@@ -38,6 +38,8 @@ DEFAULT_IDLE_RELEASE = 0.3  # seconds without a guest command before the host tr
 HANDSHAKE_TIMEOUT = 10.0
 STOP_TIMEOUT = 2.0  # seconds a clean stop spends telling QEMU the card and reader are gone
 FIRST_RETRY, MAX_RETRY = 0.25, 2.0  # seconds between connection attempts (doubling)
+STABLE_AFTER = 10.0  # a connection that lived this long resets the delay
+MAX_UNACKNOWLEDGED = 16  # messages QEMU has not answered yet; it answers each at once
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,13 @@ class VirtualReader:
                     await trio.sleep(backoff.next())
                     continue
                 waiting_logged = False
-                backoff.reset()
                 log.info("connected to QEMU at %s", self.config.chardev)
+                started = trio.current_time()
                 connection = ChardevConnection(self, session, stream, next(self._context_ids))
                 await connection.serve()
-                await trio.sleep(FIRST_RETRY)
+                if trio.current_time() - started > STABLE_AFTER:
+                    backoff.reset()  # else a QEMU that keeps dropping us is not hammered
+                await trio.sleep(backoff.next())
         finally:
             with trio.CancelScope(shield=True):
                 await session.aclose()
@@ -152,7 +156,7 @@ class ChardevConnection:
         if not isinstance(init, vsc.Init):
             raise PeerError(f"QEMU answered Init with {type(init).__name__}")
         if init.version != vsc.VERSION:
-            log.info("%s: QEMU speaks VSCard version %#x (ours %#x)", self.where, init.version, 2)
+            log.info("%s: QEMU speaks VSCard version %#x", self.where, init.version)
         await self._send(vsc.ReaderAdd(vsc.UNDEFINED_READER_ID))
         added = await self._next_message()
         if not isinstance(added, vsc.Error):
@@ -255,8 +259,8 @@ class ChardevConnection:
         self._inserted = inserted
         self._card = self.owner.new_card(self.session, inserted.reader, self.h_context)
         nursery.start_soon(self._card.release_when_idle)
+        self._atr_sent = True  # before the send: QEMU may answer it before this task resumes
         await self._send(vsc.ATR(self._reader_id, atr), ack="ATR")
-        self._atr_sent = True
 
     async def _remove_card(self) -> None:
         self._generation += 1
@@ -285,6 +289,8 @@ class ChardevConnection:
     async def _send(self, message: vsc.Message, ack: str | None = None) -> None:
         async with self._send_lock:
             if ack is not None:
+                if len(self._awaiting_ack) >= MAX_UNACKNOWLEDGED:
+                    raise PeerError(f"QEMU left {len(self._awaiting_ack)} messages unanswered")
                 self._awaiting_ack.append(ack)
             await self.stream.send_all(vsc.encode(message))
 
