@@ -92,6 +92,13 @@ class Setup:
         with trio.fail_after(5):
             return QemuSide(await self.listener.accept())
 
+    async def card_inserted(self) -> QemuSide:
+        """The next connection, past the handshake and the card's ATR."""
+        qemu = await self.accept()
+        await qemu.handshake()
+        await qemu.ack(vsc.ATR(0, SHOWN_ATR))
+        return qemu
+
 
 @asynccontextmanager
 async def frontend(tmp_path: Path, *, reader: str = R0, card: bool = True) -> AsyncIterator[Setup]:
@@ -116,9 +123,7 @@ async def frontend(tmp_path: Path, *, reader: str = R0, card: bool = True) -> As
 
 async def test_handshake_then_the_rewritten_atr_then_apdus(tmp_path: Path) -> None:
     async with frontend(tmp_path) as setup:
-        qemu = await setup.accept()
-        await qemu.handshake()
-        await qemu.ack(vsc.ATR(0, SHOWN_ATR))
+        qemu = await setup.card_inserted()
         assert await qemu.transmit("00 A4 08 0C 04 50 43 01 02") == bytes.fromhex("9000")
         data = await qemu.transmit("00 B0 00 00 00")  # 256 bytes, case 2 with P3 = 00
         assert data == pattern(4096, 0x02)[:256] + bytes.fromhex("9000")
@@ -134,9 +139,7 @@ async def test_handshake_then_the_rewritten_atr_then_apdus(tmp_path: Path) -> No
 
 async def test_host_removal_and_insertion_reach_qemu(tmp_path: Path) -> None:
     async with frontend(tmp_path) as setup:
-        qemu = await setup.accept()
-        await qemu.handshake()
-        await qemu.ack(vsc.ATR(0, SHOWN_ATR))
+        qemu = await setup.card_inserted()
         setup.backend.remove_card(R0)
         await qemu.ack(vsc.CardRemove(0))
         # A command in flight when the card went gets a failed exchange, not an answer.
@@ -172,15 +175,11 @@ async def test_bad_input_closes_the_connection_then_it_reconnects(
     tmp_path: Path, bad: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with frontend(tmp_path) as setup:
-        qemu = await setup.accept()
-        await qemu.handshake()
-        await qemu.ack(vsc.ATR(0, SHOWN_ATR))
+        qemu = await setup.card_inserted()
         await qemu.send_raw(bad)
         await qemu.expect_closed()
         assert "closing the connection" in caplog.text
-        again = await setup.accept()  # the process lives on and connects again
-        await again.handshake()
-        await again.ack(vsc.ATR(0, SHOWN_ATR))
+        again = await setup.card_inserted()  # the process lives on and connects again
         assert await again.transmit("80 14 90 00 00") == bytes.fromhex("9000")
 
 
@@ -219,21 +218,15 @@ async def test_apdu_for_a_card_an_earlier_connection_announced_fails_politely(
 
 async def test_qemu_restart_reconnects_and_shows_the_card_again(tmp_path: Path) -> None:
     async with frontend(tmp_path) as setup:
-        qemu = await setup.accept()
-        await qemu.handshake()
-        await qemu.ack(vsc.ATR(0, SHOWN_ATR))
+        qemu = await setup.card_inserted()
         await qemu.stream.aclose()  # QEMU quits
-        again = await setup.accept()
-        await again.handshake()
-        await again.ack(vsc.ATR(0, SHOWN_ATR))
+        again = await setup.card_inserted()
         assert await again.transmit("80 14 90 00 00") == bytes.fromhex("9000")
 
 
 async def test_flush_is_answered(tmp_path: Path) -> None:
     async with frontend(tmp_path) as setup:
-        qemu = await setup.accept()
-        await qemu.handshake()
-        await qemu.ack(vsc.ATR(0, SHOWN_ATR))
+        qemu = await setup.card_inserted()
         await qemu.send(vsc.Flush(0))
         await qemu.expect(vsc.FlushComplete(0))
 
@@ -242,9 +235,7 @@ async def test_a_guest_burst_keeps_host_applications_out_until_it_is_idle(
     tmp_path: Path,
 ) -> None:
     async with frontend(tmp_path) as setup:
-        qemu = await setup.accept()
-        await qemu.handshake()
-        await qemu.ack(vsc.ATR(0, SHOWN_ATR))
+        qemu = await setup.card_inserted()
         assert await qemu.transmit("00 A4 08 0C 04 50 43 01 02") == bytes.fromhex("9000")
         host_app = setup.service.open_session("host application")
         got_card = trio.Event()

@@ -111,30 +111,9 @@ class ReaderRemove(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class ATR(Message):
-    """The card was inserted or reset; this is its ATR."""
+class _Bytes(Message):
+    """A message whose payload is its bytes as they are."""
 
-    type_code = 5
-    atr: bytes = b""
-
-    def payload(self) -> bytes:
-        return self.atr
-
-    @classmethod
-    def from_payload(cls, reader_id: int, payload: bytes) -> Message:
-        return cls(reader_id, payload)
-
-
-@dataclass(frozen=True, slots=True)
-class CardRemove(Message):
-    type_code = 6
-
-
-@dataclass(frozen=True, slots=True)
-class APDU(Message):
-    """From QEMU: one command from the guest; from the card's side: the whole response."""
-
-    type_code = 7
     data: bytes = b""
 
     def payload(self) -> bytes:
@@ -145,7 +124,26 @@ class APDU(Message):
         return cls(reader_id, payload)
 
     def __repr__(self) -> str:
-        return f"APDU(reader_id={self.reader_id}, data={self.data.hex(' ')})"
+        return f"{type(self).__name__}(reader_id={self.reader_id}, data={self.data.hex(' ')})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)  # _Bytes' repr: the bytes in hex
+class ATR(_Bytes):
+    """The card was inserted or reset; this is its ATR."""
+
+    type_code = 5
+
+
+@dataclass(frozen=True, slots=True)
+class CardRemove(Message):
+    type_code = 6
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class APDU(_Bytes):
+    """From QEMU: one command from the guest; from the card's side: the whole response."""
+
+    type_code = 7
 
 
 @dataclass(frozen=True, slots=True)
