@@ -21,7 +21,7 @@ from pcscbridge.host.backends.sim import SimulatedBackend
 from pcscbridge.host.backends.simcard import DEFAULT_ATR, SimulatedCard, pattern
 from pcscbridge.host.service import HostService, open_host_service
 from pcscbridge.iso7816.atr import offer_t0
-from pcscbridge.link.calls import BeginTransaction, Connect, EndTransaction, Transmit
+from pcscbridge.link.calls import BeginTransaction, Connect, Disconnect, EndTransaction, Transmit
 from pcscbridge.pcsc import Disposition, Protocol, ShareMode
 from pcscbridge.qemu.frontend import VirtualReader, VirtualReaderConfig
 from pcscbridge.transports.endpoints import Endpoint, unix_listener
@@ -392,3 +392,20 @@ async def test_a_qemu_that_never_acknowledges_is_dropped(tmp_path: Path) -> None
         assert 10 <= len(received) <= 16  # dropped at 16 unanswered, the opening ones counted
         assert set(received) == {vsc.CardRemove(0), vsc.ATR(0, SHOWN_ATR)}
         await (await setup.accept()).handshake()
+
+
+async def test_a_card_reset_by_a_host_application_is_reconnected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with frontend(tmp_path) as setup:
+        qemu = await setup.card_inserted()
+        assert await qemu.transmit("00 A4 08 0C 04 50 43 01 02") == bytes.fromhex("9000")
+        host_app = setup.service.open_session("host application")
+        # Once the guest's transaction has ended (idle gap), a host application resets the card.
+        with trio.fail_after(5):
+            await host_app.call(Connect(1, 1, R0, ShareMode.SHARED, Protocol.ANY))
+        await host_app.call(Disconnect(1, Disposition.RESET_CARD))
+        # The guest's next command is answered by the reset card: its selected EF is gone.
+        assert await qemu.transmit("00 B0 00 00 10") == bytes.fromhex("6986")
+        assert "reset by another application" in caplog.text
+        await host_app.aclose()
