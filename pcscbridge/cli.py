@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
+from .qemu import DEFAULT_IDLE_RELEASE
 from .transports.endpoints import (
     Endpoint,
     EndpointError,
@@ -208,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     qemu.add_argument(
         "--idle-release",
         type=_idle_release,
-        default=0.3,
+        default=DEFAULT_IDLE_RELEASE,
         metavar="SECONDS",
         help="end the host transaction that holds the card for the guest after this long "
-        "without a guest command (default 0.3)",
+        f"without a guest command (default {DEFAULT_IDLE_RELEASE})",
     )
     _add_backend_options(qemu)
 

@@ -30,11 +30,11 @@ from ..link.calls import ReleaseContext
 from ..pcsc import PCSCError, State, rv_name
 from ..transports.endpoints import Endpoint, connect
 from ..vscard import codec as vsc
+from . import DEFAULT_IDLE_RELEASE
 from .card import SharedCard
 
 log = logging.getLogger("pcscbridge.qemu")
 
-DEFAULT_IDLE_RELEASE = 0.3  # seconds without a guest command before the host transaction ends
 HANDSHAKE_TIMEOUT = 10.0
 STOP_TIMEOUT = 2.0  # seconds a clean stop spends telling QEMU the card and reader are gone
 FIRST_RETRY, MAX_RETRY = 0.25, 2.0  # seconds between connection attempts (doubling)
