@@ -126,6 +126,7 @@ class ChardevConnection:
         self._card: SharedCard | None = None
         self._generation = 0  # grows with every card change; stale answers are dropped
         self._host_reader: str | None = None  # the host reader the pattern picked
+        self._no_match_logged = False
 
     async def serve(self) -> None:
         """Until QEMU closes, the input breaks the protocol, or the caller is cancelled (a clean
@@ -228,6 +229,9 @@ class ChardevConnection:
             log.info("%s: serving host reader %r", self.where, picked.name)
         elif self._host_reader is not None:
             log.info("%s: host reader %r is gone", self.where, self._host_reader)
+        elif not self._no_match_logged:
+            log.info("%s: no host reader matches %r (yet)", self.where, pattern)
+            self._no_match_logged = True
         self._host_reader = picked.name if picked is not None else None
         return picked
 
