@@ -5,15 +5,25 @@ VENV := .venv
 PYTHON ?= python3
 APT_PACKAGES := pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc openssh-server socat systemd \
 	gcc python3-dev python3-venv iproute2 util-linux
+# The QEMU tests' tiny guest: QEMU and what its initramfs is built from (rig/qemu_guest.py),
+# and libvirt's schema check for contrib/libvirt;
+# without Recommends (qemu-system-x86's would pull in a GUI).
+APT_PACKAGES_BARE := qemu-system-x86 busybox-static libccid cpio libvirt-clients libxml2-utils
+
+# $(call apt_install,PACKAGES,APT_OPTIONS): install those of PACKAGES that are missing
+define apt_install
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing; \
+	fi
+endef
 
 .PHONY: deps venv test demo bench lint clean dist man completions
 
 deps:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing:" $$missing; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call apt_install,$(APT_PACKAGES))
+	$(call apt_install,$(APT_PACKAGES_BARE),--no-install-recommends)
 
 $(VENV)/.installed: pyproject.toml
 	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)

@@ -17,6 +17,7 @@ import trio
 
 from . import __version__
 from .errors import SetupError
+from .qemu import DEFAULT_IDLE_RELEASE
 from .transports.endpoints import (
     Endpoint,
     EndpointError,
@@ -66,6 +67,23 @@ def _reader_slots(text: str) -> int:
 
 def _sim_readers(text: str) -> int:
     return _bounded_int(text, 0, 255)
+
+
+def _chardev(text: str) -> Endpoint:
+    endpoint = _endpoint(text)
+    if endpoint.kind not in ("unix", "tcp"):
+        raise argparse.ArgumentTypeError("a chardev is unix:PATH or tcp:HOST:PORT")
+    return endpoint
+
+
+def _idle_release(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 60.0:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 60 seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +173,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_link_limits(host)
     _add_status_socket(host, "host")
+
+    qemu = command(
+        "qemu",
+        "On the host: a host reader's card in a QEMU VM's emulated CCID reader "
+        "(usb-ccid + ccid-card-passthru), still shared with the host.",
+    )
+    qemu.add_argument(
+        "--chardev",
+        action="append",
+        required=True,
+        type=_chardev,
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="the VM's ccid-card-passthru chardev (QEMU listens: server=on,wait=off); "
+        "repeatable, one per emulated reader, paired in order with --reader",
+    )
+    qemu.add_argument(
+        "--reader",
+        action="append",
+        required=True,
+        metavar="PATTERN",
+        help="the host reader whose card the emulated reader holds: the first whose name "
+        "matches PATTERN (fnmatch, case-sensitive: 'Gemalto*', or the exact name)",
+    )
+    qemu.add_argument(
+        "--vm-name",
+        metavar="NAME",
+        help="the VM's name for the host's policy and audit (default: the chardev, "
+        "e.g. unix:/run/vm.sock)",
+    )
+    qemu.add_argument(
+        "--idle-release",
+        type=_idle_release,
+        default=DEFAULT_IDLE_RELEASE,
+        metavar="SECONDS",
+        help="end the host transaction that holds the card for the guest after this long "
+        f"without a guest command (default {DEFAULT_IDLE_RELEASE})",
+    )
+    _add_service_options(qemu)
+    _add_status_socket(qemu, "qemu")
 
     attach = command(
         "attach", "In the guest: join stdin/stdout to the guest server's link (run by SSH)."
@@ -349,7 +406,8 @@ def _add_client_options(sub: argparse.ArgumentParser) -> None:
 
 
 def _add_service_options(sub: argparse.ArgumentParser) -> None:
-    """The host service: which PC/SC it serves (host, serve). Checkpoint options go here too."""
+    """The host service: which PC/SC it serves (host, serve, qemu). Checkpoint options go here
+    too."""
     _add_host_limits(sub)
     sub.add_argument(
         "--backend",
@@ -391,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_until_stopped, _guest, args)
         if args.command == "host":
             return trio.run(_until_stopped, _host, args)
+        if args.command == "qemu":
+            return trio.run(_until_stopped, _qemu, args)
         if args.command == "attach":
             return trio.run(_attach, args)
         if args.command == "status":
@@ -625,6 +685,28 @@ async def _host_over_stdio(args: argparse.Namespace, service: Service) -> int:
         await agent.serve(StdioStream())
         nursery.cancel_scope.cancel()
     log.info("the link to %s ended", guest)
+    return 0
+
+
+async def _qemu(args: argparse.Namespace) -> int:
+    from .host.service import open_host_service
+    from .qemu.frontend import VirtualReader, VirtualReaderConfig
+
+    if len(args.reader) != len(args.chardev):
+        print("pcscbridge qemu: give one --reader per --chardev, in order", file=sys.stderr)
+        return EXIT_USAGE
+    configs = [
+        VirtualReaderConfig(chardev, pattern, args.vm_name or str(chardev), args.idle_release)
+        for chardev, pattern in zip(args.chardev, args.reader, strict=True)
+    ]
+    backend = _backend(args.backend, args.sim_readers)
+    async with open_host_service(backend, _host_limits(args)) as core:
+        service = _checked(core, args)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve_status, args, "qemu", {"service": core.statistics})
+            for config in configs:
+                log.info("feeding %s with host reader %r", config.chardev, config.reader_pattern)
+                nursery.start_soon(VirtualReader(service, config).run)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -206,6 +207,45 @@ def echo_loop(reader: str, tag: str, count: str) -> int:
     return 0 if wrong == 0 else 1
 
 
+def echo_until_line(reader: str, tag: str) -> int:
+    """Say RUNNING, then transmit ECHO (data unique to this client) until a line arrives on
+    stdin; check every answer and report how many."""
+    scard = _scard()
+    context, card, pci = _connect(scard, reader)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    print("RUNNING", flush=True)
+    count = wrong = 0
+    while not stop.is_set():
+        data = f"{tag}:{count}".encode()
+        apdu = bytes([0x80, 0x10, 0x00, 0x00, len(data)]) + data
+        wrong += _transmit(scard, card, pci, apdu) != data + b"\x90\x00"
+        count += 1
+    scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
+    scard.SCardReleaseContext(context)
+    _emit(tag=tag, count=count, wrong=wrong)
+    return 0 if wrong == 0 else 1
+
+
+def select_hold_read(reader: str, fid: str) -> int:
+    """In a transaction: select EF `fid` of the test application, say LOCKED, and when a line
+    arrives on stdin read 32 bytes of it and end the transaction. Another client that slipped a
+    SELECT in between would make the read return another file's bytes."""
+    scard = _scard()
+    context, card, pci = _connect(scard, reader)
+    _check("SCardBeginTransaction", scard.SCardBeginTransaction(card))
+    selected = _transmit(scard, card, pci, SELECT_APP)
+    selected += _transmit(scard, card, pci, bytes.fromhex("00A4020C02") + bytes.fromhex(fid))
+    print("LOCKED", flush=True)
+    sys.stdin.readline()
+    read = _transmit(scard, card, pci, bytes.fromhex("00B0000020"))
+    _check("SCardEndTransaction", scard.SCardEndTransaction(card, scard.SCARD_LEAVE_CARD))
+    scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
+    scard.SCardReleaseContext(context)
+    _emit(selected=selected.hex(), read=read.hex())
+    return 0
+
+
 def long_lived(reader: str) -> int:
     """Establish a context, say READY, and on each stdin line list readers and transmit."""
     scard = _scard()
@@ -249,6 +289,8 @@ PROGRAMS: dict[str, Callable[..., int]] = {
     "hold-transaction": hold_transaction,
     "begin-transaction": begin_transaction,
     "echo-loop": echo_loop,
+    "echo-until-line": echo_until_line,
+    "select-hold-read": select_hold_read,
     "long-lived": long_lived,
     "card-after-reset": card_after_reset,
 }

@@ -213,3 +213,19 @@ def offered_protocols(atr: bytes) -> int:
             elif level.t == 1:
                 offered |= Protocol.T1
     return offered or Protocol.T0
+
+
+def offer_t0(raw: bytes) -> bytes:
+    """The ATR a reader that speaks only T=0 (QEMU 7.2's emulated CCID reader) must be shown
+    for this card: unchanged when it offers T=0 already; else every TDi that names T=1 names
+    T=0 instead, a TA2 (specific mode) naming T=1 names T=0, and TCK is recomputed (absent
+    when only T=0 remains named). Levels, their other bytes and the historical bytes are kept,
+    so the ATR keeps its length give or take TCK. Raises ATRError for an ATR that cannot be
+    parsed. The rule and its reasons: protocol/vscard-t0.md."""
+    if offered_protocols(raw) & Protocol.T0:
+        return bytes(raw)
+    parsed = parse_atr(raw)
+    levels = [replace(level, t=0) if level.t == 1 else level for level in parsed.levels]
+    if len(levels) > 1 and levels[1].ta is not None and levels[1].ta & 0x0F == 1:
+        levels[1] = replace(levels[1], ta=levels[1].ta & 0xF0)
+    return replace(parsed, levels=tuple(levels)).with_computed_tck().to_bytes()
