@@ -7,14 +7,16 @@ waits and cancels never cross the link.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..pcsc import ReturnCode, ShareMode
 from ..pcsclite.readers import LEGACY_TABLE_SLOTS, ReaderEntry
 
 log = logging.getLogger("pcscbridge.guest.mirror")
+
+T = TypeVar("T")
 
 READER_EVENTS_WRAP = 32767  # pcscd's reader-events counter runs 1..32767, never 0
 
@@ -36,11 +38,36 @@ class ReaderMirror:
         # when, so it is shown while the guest holds the card.
         self._guest_use: dict[str, GuestUse] = {}
         self.reader_events = 1
+        # What clients read is read far more often than it changes: the visible table, and
+        # whatever is derived from it (encoded tables), are kept until the next change.
+        self.version = 0  # grows with every visible change
+        self._view: list[ReaderEntry | None] | None = None
+        self._derived: dict[Hashable, Any] = {}
 
     # --- what clients read -------------------------------------------------------------
     @property
     def slots(self) -> list[ReaderEntry | None]:
-        return [self._visible(entry) for entry in self._slots]
+        """The table as clients see it (do not modify the list)."""
+        if self._view is None:
+            self._view = [self._visible(entry) for entry in self._slots]
+        return self._view
+
+    def derived(self, key: Hashable, build: Callable[[], T]) -> T:
+        """`build()`'s result for `key`, kept until the table changes (an encoded table)."""
+        try:
+            value: T = self._derived[key]
+        except KeyError:
+            value = self._derived[key] = build()
+        return value
+
+    def _changed(self, before: list[ReaderEntry | None]) -> None:
+        """After a mutation: when the visible table differs, forget what was derived from it
+        and signal the waiters."""
+        self._view = None
+        if self.slots != before:
+            self.version += 1
+            self._derived.clear()
+            self._signal_all()
 
     def _visible(self, entry: ReaderEntry | None) -> ReaderEntry | None:
         if entry is None:
@@ -114,9 +141,9 @@ class ReaderMirror:
             self._place(entry)
             added += 1
         self._count_reader_events(added + removed)
+        self._view = None
         self._forget_other_cards()
-        if self.slots != before:
-            self._signal_all()
+        self._changed(before)
 
     def clear(self) -> None:
         """The host link is gone: every reader disappears, as if unplugged."""
@@ -153,8 +180,7 @@ class ReaderMirror:
             use.exclusive += 1
         else:
             use.shared += 1
-        if self.slots != before:
-            self._signal_all()
+        self._changed(before)
 
     def handle_closed(self, reader: str, share_mode: int) -> None:
         use = self._guest_use.get(reader)
@@ -167,8 +193,7 @@ class ReaderMirror:
             use.shared = max(use.shared - 1, 0)
         if not use.shared and not use.exclusive:
             del self._guest_use[reader]
-        if self.slots != before:
-            self._signal_all()
+        self._changed(before)
 
 
 @dataclass

@@ -71,6 +71,21 @@ _CARD_COMMANDS = {
 }
 
 
+# Commands the guest answers from its mirror and its own state, never waiting for the host.
+_ANSWERED_HERE = frozenset(
+    {
+        Command.CMD_VERSION,
+        Command.CMD_GET_READERS_STATE,
+        Command.CMD_WAIT_READER_STATE_CHANGE,
+        Command.CMD_STOP_WAITING_READER_STATE_CHANGE,
+        Command.CMD_GET_READER_EVENTS,
+        Command.CMD_GET_READERS_STATE_SIZE,
+        Command.CMD_GET_READERS_STATE_ARRAY,
+        Command.SCARD_CANCEL,
+    }
+)
+
+
 class Host(Protocol):
     """The attached host, as a session sees it (guest/hostlink.py)."""
 
@@ -147,6 +162,7 @@ class ClientSession:
         self.h_context: int | None = None
         self.cards: dict[int, CardHandle] = {}
         self.outbox = Outbox(stream, options.unread_limit)
+        self._serving = False  # a request is with the serving task (it may wait for the host)
 
     # --- I/O -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -164,18 +180,39 @@ class ClientSession:
                 await self.stream.aclose()
 
     async def _receive(self, requests: trio.MemorySendChannel[Request]) -> None:
+        """Reads requests. Those answered here, from the mirror, are answered at once in this
+        task when nothing is under way; the others go, in order, to the serving task, so this
+        one goes on reading: a client that goes away is noticed during a long host call."""
         async with requests:
             while data := await self.stream.receive_some(RECEIVE_SIZE):
                 self.protocol.receive_data(data)
                 while (request := self.protocol.next_request()) is not None:
-                    await requests.send(request)
+                    if not self._serving and self._answered_here(request):
+                        await self._serve_one(request)
+                        if self.protocol.pending:
+                            # A client that sends without waiting for replies gets no more
+                            # turns than one that waits: others run between its requests.
+                            await trio.lowlevel.checkpoint()
+                    else:
+                        self._serving = True
+                        await requests.send(request)
 
     async def _serve(self, requests: trio.MemoryReceiveChannel[Request]) -> None:
         async with requests:
             async for request in requests:
-                log.debug("client %s: %r", self.name, request)
-                with self.stats.timing(request.command.name):
-                    await self._handle(request)
+                await self._serve_one(request)
+                self._serving = False
+
+    async def _serve_one(self, request: Request) -> None:
+        log.debug("client %s: %r", self.name, request)
+        with self.stats.timing(request.command.name):
+            await self._handle(request)
+
+    def _answered_here(self, request: Request) -> bool:
+        """Whether the guest answers `request` without the host (nothing to wait for)."""
+        if request.command == Command.SCARD_ESTABLISH_CONTEXT:
+            return self.h_context is None  # else the old context is released on the host
+        return request.command in _ANSWERED_HERE
 
     async def send(self, data: bytes) -> None:
         await self.outbox.send(data)
@@ -250,7 +287,11 @@ class ClientSession:
             case Command.CMD_GET_READERS_STATE_ARRAY:
                 slots = self.mirror.slots
                 count = self.protocol.table_count(len(slots))
-                return encode_table(slots[:count], count, self.protocol.reader_name_size)
+                name_size = self.protocol.reader_name_size
+                return self.mirror.derived(
+                    ("array", count, name_size),
+                    lambda: encode_table(slots[:count], count, name_size),
+                )
         raise ProtocolViolation(f"{request.command.name} is not served")
 
     def _legacy_table(self) -> bytes:
@@ -259,11 +300,14 @@ class ClientSession:
         Beyond the mirror's own slots, 4.6 connections get all-zero entries as from pcscd 2.5;
         older ones get empty slots, as from the pcscd of their time (always 16 slots used)."""
         dialect = self.protocol.dialect
-        return encode_table(
-            self.legacy_slots(),
-            self.options.reader_slots,
-            self.protocol.reader_name_size,
-            pad_zero=dialect is not None and dialect.has_variable_array,
+        pad_zero = dialect is not None and dialect.has_variable_array
+        name_size = self.protocol.reader_name_size
+        options = self.options
+        return self.mirror.derived(
+            ("fixed", options.reader_slots, tuple(options.legacy_readers), name_size, pad_zero),
+            lambda: encode_table(
+                self.legacy_slots(), options.reader_slots, name_size, pad_zero=pad_zero
+            ),
         )
 
     def legacy_slots(self) -> list[ReaderEntry | None]:

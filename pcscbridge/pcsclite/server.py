@@ -85,6 +85,11 @@ class ServerConnection:
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
 
+    @property
+    def pending(self) -> bool:
+        """Bytes of a next request are already here (the client sends without waiting)."""
+        return bool(self._buffer)
+
     def negotiate(self, body: VersionBody) -> VersionBody:
         """Answer CMD_VERSION; the connection keeps the dialect when it is one we speak."""
         dialect, (major, minor, rv) = dialects.negotiate(body.major, body.minor)
