@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
 APT_PACKAGES := pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc openssh-server socat \
-	gcc python3-dev python3-venv iproute2 util-linux
+	gcc python3-dev python3-venv iproute2 util-linux scdaemon
 
 .PHONY: deps venv test demo bench lint clean
 
