@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
+from .errors import SetupError, first_leaf
 from .transports.endpoints import (
     Endpoint,
     EndpointError,
@@ -26,6 +27,7 @@ from .transports.endpoints import (
 if TYPE_CHECKING:
     from .host.backend import Backend
     from .host.service import Service
+    from .transports.tls import TLSSettings
 
 log = logging.getLogger("pcscbridge")
 
@@ -58,6 +60,89 @@ def _sim_readers(text: str) -> int:
     return _bounded_int(text, 0, 255)
 
 
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError("must be 000..777")
+    return mode
+
+
+def _id(lookup: Callable[[str], int]) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if text.isdigit():
+            return int(text)
+        try:
+            return lookup(text)
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"no such user or group: {text!r}") from None
+
+    return parse
+
+
+def _uid(text: str) -> int:
+    import pwd
+
+    return _id(lambda name: pwd.getpwnam(name).pw_uid)(text)
+
+
+def _gid(text: str) -> int:
+    import grp
+
+    return _id(lambda name: grp.getgrnam(name).gr_gid)(text)
+
+
+def add_tls_options(sub: argparse.ArgumentParser) -> None:
+    """--tls-key and --tls-peer, for a command with a tls: link endpoint."""
+    sub.add_argument(
+        "--tls-key",
+        metavar="PATH",
+        help="with a tls: endpoint: our private key and certificate (PEM, `pcscbridge keygen`)",
+    )
+    sub.add_argument(
+        "--tls-peer",
+        metavar="sha256:HEX",
+        help="with a tls: endpoint: the other side's certificate fingerprint (from its keygen)",
+    )
+
+
+def _tls(args: argparse.Namespace, endpoint: Endpoint) -> TLSSettings | None:
+    if endpoint.kind != "tls":
+        return None
+    from .transports.tls import TLSSettings
+
+    return TLSSettings.load(args.tls_key, args.tls_peer)
+
+
+def add_checkpoint_options(sub: argparse.ArgumentParser, guest_name_default: str) -> None:
+    """The options of a command that serves the host's readers to guests: which policy and
+    audit wrap the host service (see _checked), and the guest's name for both."""
+    sub.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="the policy file (TOML, see `pcscbridge policy check`); default: the built-in "
+        "safe defaults for every guest",
+    )
+    sub.add_argument(
+        "--guest-name",
+        metavar="NAME",
+        help=f"the guest's name in the policy and the audit (default: {guest_name_default})",
+    )
+    sub.add_argument(
+        "--audit",
+        metavar="FILE",
+        help="write one JSON line per call to FILE (- for stderr); PIN data is masked",
+    )
+    sub.add_argument(
+        "--trace",
+        action="store_true",
+        help="audit lines carry whole APDUs (PIN data still masked); implies --audit - "
+        "unless --audit is given",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_link = default_link_endpoint()
     parser = argparse.ArgumentParser(
@@ -84,9 +169,41 @@ def build_parser() -> argparse.ArgumentParser:
         type=_endpoint,
         default=default_link,
         metavar="ENDPOINT",
-        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio "
-        f"(default {default_link})",
+        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT (loopback only), "
+        f"tls:HOST:PORT (with --tls-key and --tls-peer) or stdio (default {default_link})",
     )
+    guest.add_argument(
+        "--socket-mode",
+        type=_mode,
+        default=0o666,
+        metavar="MODE",
+        help="permissions of the --listen socket, octal (default 666, as pcscd's)",
+    )
+    guest.add_argument(
+        "--socket-group",
+        type=_gid,
+        metavar="GROUP",
+        help="group of the --listen socket (name or number)",
+    )
+    guest.add_argument(
+        "--allow-uid",
+        type=_uid,
+        action="append",
+        default=[],
+        metavar="USER",
+        help="serve only clients of this uid (name or number) or of an --allow-gid; "
+        "repeatable; others are refused as pcscd refuses a client polkit does not allow",
+    )
+    guest.add_argument(
+        "--allow-gid",
+        type=_gid,
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="serve only clients in this group (primary or supplementary), or of an "
+        "--allow-uid; repeatable",
+    )
+    add_tls_options(guest)
     guest.add_argument(
         "--legacy-readers",
         action="append",
@@ -113,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--connect",
         type=_endpoint,
         metavar="ENDPOINT",
-        help="dial the guest server's link: unix:PATH, tcp:HOST:PORT or stdio",
+        help="dial the guest server's link: unix:PATH, tcp:HOST:PORT, tls:HOST:PORT or stdio",
     )
     target.add_argument(
         "--ssh",
@@ -156,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the guest server's link endpoint, passed to attach (default: attach's default)",
     )
 
+    add_tls_options(host)
+    add_checkpoint_options(host, "the --connect endpoint, or the --ssh destination")
+
     attach = command(
         "attach", "In the guest: join stdin/stdout to the guest server's link (run by SSH)."
     )
@@ -166,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         help=f"the guest server's link endpoint (default {default_link})",
     )
+
+    policy = command("policy", "Policy files.")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = policy_commands.add_parser(
+        "check", help="validate a policy file and say what each guest may do"
+    )
+    check.add_argument("file", metavar="FILE")
+
+    keygen = command(
+        "keygen", "Write a TLS key and self-signed certificate; print its fingerprint."
+    )
+    keygen.add_argument("path", metavar="PATH", help="the file to create (PEM, mode 0600)")
 
     command("demo", "Run the whole bridge with simulated readers and show a client using it.")
     return parser
@@ -195,9 +327,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo()
-    except EndpointError as exc:
-        print(f"pcscbridge {args.command}: {exc}", file=sys.stderr)
-        return 1
+        if args.command == "policy":
+            return _policy_check(args.file)
+        if args.command == "keygen":
+            from .transports.tls import keygen
+
+            fingerprint = keygen(args.path)
+            print(f"wrote a private key and certificate to {args.path}; its fingerprint:")
+            print(fingerprint)
+            return 0
+    except (SetupError, BaseExceptionGroup) as exc:
+        leaf = first_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if not isinstance(leaf, SetupError):
+            raise
+        print(f"pcscbridge {args.command}: {leaf}", file=sys.stderr)
+        return leaf.exit_code
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE
@@ -228,6 +372,7 @@ async def _until_stopped(
 
 
 async def _guest(args: argparse.Namespace) -> int:
+    from .guest.access import ClientGate
     from .guest.server import GuestServer
     from .guest.session import SessionOptions
     from .transports.endpoints import connect, open_listener, systemd_listeners, unix_listener
@@ -236,14 +381,16 @@ async def _guest(args: argparse.Namespace) -> int:
     if activated:
         client_listener = activated[0]
     elif args.listen:
-        client_listener = await unix_listener(args.listen, 0o666)  # as pcscd's socket
+        client_listener = await unix_listener(args.listen, args.socket_mode, args.socket_group)
     else:
         print("pcscbridge guest: --listen PATH is required (or socket activation)", file=sys.stderr)
         return EXIT_USAGE
-    server = GuestServer(
-        SessionOptions(reader_slots=args.reader_slots, legacy_readers=tuple(args.legacy_readers))
-    )
     link: Endpoint = args.link
+    tls = _tls(args, link)
+    server = GuestServer(
+        SessionOptions(reader_slots=args.reader_slots, legacy_readers=tuple(args.legacy_readers)),
+        gate=ClientGate(frozenset(args.allow_uid), frozenset(args.allow_gid)),
+    )
     created = [] if activated else [args.listen]
     log.info(
         "serving pcsc-lite clients on %s; host link on %s",
@@ -256,7 +403,7 @@ async def _guest(args: argparse.Namespace) -> int:
         elif len(activated) > 1:
             await server.serve(client_listener, link_listener=activated[1])
         else:
-            link_listener = await open_listener(link)
+            link_listener = await open_listener(link, tls=tls)
             if link.kind == "unix":
                 created.append(link.path)
             await server.serve(client_listener, link_listener=link_listener)
@@ -284,8 +431,30 @@ def _backend(name: str, sim_readers: int = 2) -> Backend:
 
 def _checked(core: Service, args: argparse.Namespace) -> Service:
     """The host service every front-end uses: the core wrapped in the checkpoints the arguments
-    ask for (policy inside, audit outside, so the audit sees the policy's refusals)."""
-    return core
+    ask for (add_checkpoint_options): the policy (the built-in defaults without --policy)
+    inside, the audit outside, so the audit sees the policy's refusals."""
+    from .host.audit import Audit
+    from .host.checkpoint import CheckedService
+    from .host.policy import Policy
+    from .host.policy_file import PolicyFile, load_policy
+
+    settings = load_policy(args.policy) if args.policy else PolicyFile()
+    service: Service = CheckedService(core, Policy(settings))
+    if args.audit or args.trace:
+        service = CheckedService(service, Audit.to_path(args.audit or "-", trace=args.trace))
+    return service
+
+
+def _guest_name(args: argparse.Namespace, default: str) -> str:
+    """--guest-name, or the front-end's own name for its guest."""
+    return str(args.guest_name or default)
+
+
+def _policy_check(path: str) -> int:
+    from .host.policy_file import load_policy, summary
+
+    print(summary(load_policy(path)))  # PolicyError (with the line) is reported by main
+    return 0
 
 
 async def _host(args: argparse.Namespace) -> int:
@@ -303,15 +472,21 @@ async def _host(args: argparse.Namespace) -> int:
 async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
     from .host.runner import keep_attached
     from .transports.endpoints import connect
+    from .transports.tls import TLSLinkError
 
     endpoint: Endpoint = args.connect
+    tls = _tls(args, endpoint)
 
     async def open_link() -> trio.abc.Stream:
-        return await connect(endpoint)
+        return await connect(endpoint, tls)
 
-    log.info("serving the host's readers (%s) to the guest at %s", args.backend, endpoint)
+    guest = _guest_name(args, str(endpoint))
+    log.info("serving the host's readers (%s) to guest %r at %s", args.backend, guest, endpoint)
     await keep_attached(
-        open_link, service, guest=str(endpoint), is_transient=lambda exc: isinstance(exc, OSError)
+        open_link,
+        service,
+        guest=guest,
+        is_transient=lambda exc: isinstance(exc, OSError | TLSLinkError),
     )
     return 0
 
@@ -345,7 +520,9 @@ async def _host_over_ssh(args: argparse.Namespace, service: Service) -> int:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     log.info("serving the host's readers (%s) to %s over SSH", args.backend, args.ssh)
     try:
-        await keep_attached(open_link, service, guest=args.ssh, is_transient=transient)
+        await keep_attached(
+            open_link, service, guest=_guest_name(args, args.ssh), is_transient=transient
+        )
     except SSHLinkError as exc:
         print(f"pcscbridge host: {exc.message}", file=sys.stderr)
         return exc.exit_code

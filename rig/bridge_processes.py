@@ -85,6 +85,7 @@ class Bridge:
         self.host_pcscd_socket = host_pcscd_socket
         self.backend = backend
         self.verbose = verbose
+        self.guest_extra: list[str] = []  # more `pcscbridge guest` options
         self.guest: BridgeProcess | None = None
         self.host: BridgeProcess | None = None
 
@@ -98,7 +99,15 @@ class Bridge:
     def start_guest(self) -> BridgeProcess:
         self.guest = BridgeProcess(
             "guest",
-            ["guest", *self._flags(), "--listen", self.socket_path, "--link", self.link],
+            [
+                "guest",
+                *self._flags(),
+                "--listen",
+                self.socket_path,
+                "--link",
+                self.link,
+                *self.guest_extra,
+            ],
             self.folder / "guest.log",
             dict(os.environ),
         )

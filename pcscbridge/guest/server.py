@@ -7,6 +7,7 @@ import logging
 
 import trio
 
+from .access import ClientGate
 from .hostlink import LINK_KEEPALIVE, HostLink
 from .mirror import ReaderMirror
 from .registry import HandleRegistry
@@ -17,9 +18,14 @@ log = logging.getLogger("pcscbridge.guest")
 
 class GuestServer:
     def __init__(
-        self, options: SessionOptions | None = None, *, keepalive: float | None = LINK_KEEPALIVE
+        self,
+        options: SessionOptions | None = None,
+        *,
+        keepalive: float | None = LINK_KEEPALIVE,
+        gate: ClientGate | None = None,
     ) -> None:
         self.options = options or SessionOptions()
+        self.gate = gate or ClientGate()
         self.mirror = ReaderMirror()
         self.registry: HandleRegistry[ClientSession] = HandleRegistry()
         self.host = HostLink(self.mirror, keepalive=keepalive)
@@ -43,9 +49,13 @@ class GuestServer:
         async with listener, trio.open_nursery() as nursery:
             while True:
                 stream = await listener.accept()
+                name = f"#{next(self._client_numbers)}"
+                if not self.gate.admits(stream, name):
+                    await trio.aclose_forcefully(stream)  # as pcscd when polkit refuses
+                    continue
                 session = ClientSession(
                     stream,
-                    f"#{next(self._client_numbers)}",
+                    name,
                     mirror=self.mirror,
                     registry=self.registry,
                     host=self.host,
