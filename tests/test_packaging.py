@@ -50,3 +50,19 @@ def test_the_guest_runs_without_pyscard_and_paramiko(tmp_path: Path) -> None:
         _, errors = guest.communicate(timeout=10)
     assert guest.returncode == 0, errors
     assert "Traceback" not in errors
+
+
+def test_keygen_without_cryptography_says_what_to_install(tmp_path: Path) -> None:
+    without = WITHOUT_HOST_EXTRA.replace(
+        "sys.modules['paramiko'] = None\n",
+        "sys.modules['paramiko'] = None\nsys.modules['cryptography'] = None\n",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", without, "keygen", str(tmp_path / "key.pem")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "pip install 'pcscbridge[tls]'" in result.stderr
+    assert not (tmp_path / "key.pem").exists()

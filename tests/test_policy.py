@@ -285,3 +285,60 @@ async def test_audit_lines_with_the_policy_s_refusals_and_no_pin() -> None:
     assert update["sw"] == "6982" and "read-only" in update["note"]
     assert direct["rv"] == "SCARD_W_SECURITY_VIOLATION" and "DIRECT" in direct["note"]
     assert release["call"] == "release_context"
+
+
+class PinPadBackend(SimulatedBackend):
+    """Simulated readers with a PIN pad (PC/SC part 10), standing in for a real one, which the
+    rig has not got: the keypad "types" `typed` into the APDU of a verify structure."""
+
+    FEATURES = bytes.fromhex("0604 42330006 0704 42330007 0A04 4233000A 1304 42330013")
+
+    def __init__(self, readers: list[str], typed: bytes) -> None:
+        super().__init__(readers)
+        self.typed = typed
+
+    def control(self, card: int, control_code: int, data: bytes) -> bytes:
+        if control_code == CM_IOCTL_GET_FEATURE_REQUEST:
+            return self.FEATURES
+        if control_code == 0x4233000A:
+            return bytes(4)  # wLcdLayout, bEntryValidationCondition, bTimeOut2
+        if control_code == 0x42330006:
+            header = data[19:23]
+            return self.transmit(card, T1, header + b"\x08" + pad_pin(self.typed))
+        return b"\x90\x00"
+
+
+def verify_structure() -> bytes:
+    return bytes(15) + (13).to_bytes(4, "little") + bytes.fromhex("0020008008") + bytes(8)
+
+
+async def test_a_pin_pad_is_usable_guarded_and_hidden_when_not_allowed() -> None:
+    backend = PinPadBackend([R0], typed=b"000000")
+    card = SimulatedCard()
+    backend.insert_card(R0, card)
+    async with attached(backend, policy()) as peer:
+        await peer.ok(Connect(1, 2, R0, SHARED, T1))
+        assert await peer.ok(Control(2, CM_IOCTL_GET_FEATURE_REQUEST, b"")) == backend.FEATURES
+        assert await peer.ok(Control(2, 0x4233000A, b"")) == bytes(4)
+        assert await rv(peer, Control(2, 0x42330013, b"\x01")) == RC.SCARD_W_SECURITY_VIOLATION
+        answers = [await peer.ok(Control(2, 0x42330006, verify_structure())) for _ in range(3)]
+        assert answers == [b"\x63\xc2", b"\x63\xc1", SW_DENIED]  # the guard keeps the last try
+        assert card.pin_tries == 1
+    async with attached(backend, policy("pin_pad = false")) as peer:
+        await peer.ok(Connect(1, 2, R0, SHARED, T1))
+        features = await peer.ok(Control(2, CM_IOCTL_GET_FEATURE_REQUEST, b""))
+        assert features == bytes.fromhex("0A04 4233000A 1304 42330013")  # no PIN entry
+        refused = await rv(peer, Control(2, 0x42330006, verify_structure()))
+        assert refused == RC.SCARD_W_SECURITY_VIOLATION
+    backend.close()
+
+
+async def test_the_audit_goes_to_stderr_for_journald(capsys: pytest.CaptureFixture[str]) -> None:
+    sim = SimulatedBackend([R0])
+    sim.insert_card(R0, SimulatedCard())
+    async with attached(sim, Audit.to_path("-")) as peer:
+        await peer.ok(Connect(1, 2, R0, SHARED, T1))
+    sim.close()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["call"] for line in lines] == ["connect", "release_context"]
+    assert lines[0]["guest"] == "vm"

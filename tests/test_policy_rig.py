@@ -211,3 +211,15 @@ def test_the_read_only_preset_blocks_update_binary_and_passes_read_binary(
     assert "< 01 02 03 04 90 00" in result.stdout  # the EF is as it was
     direct = run_pcsc_client(["scriptor", "-r", READER], pcscd_rig.socket_path, stdin=script)
     assert "< 90 00" in direct.stdout.split("00 D6")[1]  # without the policy it writes
+
+
+async def test_the_guest_name_chooses_the_table(pcscd_rig: PcscdRig, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[guests."*"]\n\n[guests."work-vm"]\nhide_readers = ["{EMPTY}"]\n')
+    for extra, sees_empty in ((["--guest-name", "work-vm"], False), ([], True)):
+        async with host_process_peer(
+            pcscd_rig.socket_path, tmp_path / str(sees_empty), ["--policy", str(policy), *extra]
+        ) as (peer, host):
+            table = await peer.table(lambda names: READER in names)
+            assert (EMPTY in table) is sees_empty
+            assert ("'work-vm'" in host.log) is not sees_empty
