@@ -71,51 +71,42 @@ async def test_a_hostile_guest_cannot_take_every_pcscd_context(
         assert session.returncode == 0, session.stderr
 
 
-async def test_an_exclusive_hold_is_cut_and_the_host_app_gets_the_card(
-    pcscd_rig: PcscdRig, tmp_path: Path
+@pytest.mark.parametrize(
+    ("hold", "host_app", "lines"),
+    [
+        # An EXCLUSIVE handle refuses a host app's SCardConnect at once: it tries again.
+        ("EXCLUSIVE", ["connect-retry", READER, "30"], ["CONNECTED", "OK"]),
+        # pcscd keeps a host app's SCardConnect waiting during another's transaction.
+        ("a transaction", ["begin-transaction", READER], ["CONNECTED", "BEGUN"]),
+    ],
+)
+async def test_a_hold_is_cut_and_the_waiting_host_app_gets_the_card(
+    pcscd_rig: PcscdRig, tmp_path: Path, hold: str, host_app: list[str], lines: list[str]
 ) -> None:
+    """Measured before: a guest held EXCLUSIVE or a transaction, host apps waited forever."""
     policy = policy_file(tmp_path, "hold_limit = 3")
     async with host_process_peer(pcscd_rig.socket_path, tmp_path, ["--policy", str(policy)]) as (
         peer,
         host,
     ):
         await peer.table(lambda names: READER in names)
-        await peer.ok(Connect(1, 2, READER, EXCLUSIVE, T1))
-        app = spawn_program(["connect-retry", READER, "30"], pcscd_rig.socket_path)
+        if hold == "EXCLUSIVE":
+            await peer.ok(Connect(1, 2, READER, EXCLUSIVE, T1))
+        else:
+            await peer.ok(Connect(1, 2, READER, SHARED, T1))
+            await peer.ok(BeginTransaction(2))
+        app = spawn_program(host_app, pcscd_rig.socket_path)
         try:
-            assert await in_thread(no_line_within, app, 1.0), "connected while held EXCLUSIVE"
-            await in_thread(expect_line, app, "CONNECTED", 15)
-            await in_thread(expect_line, app, "OK", 10)
+            assert await in_thread(no_line_within, app, 1.0), "got the card during the hold"
+            for line in lines:
+                await in_thread(expect_line, app, line, 15)
         finally:
             finish(app)
         # The guest's handle was reset: it learns so, and can reconnect.
         assert (await peer.call(Transmit(2, T1, SELECT_APP))).rv == RC.SCARD_W_RESET_CARD
         assert await peer.ok(Reconnect(2, SHARED, T1, Disposition.LEAVE_CARD)) == T1
         assert await peer.ok(Transmit(2, T1, SELECT_APP)) == b"\x90\x00"
-        assert "held EXCLUSIVE on Virtual PCD 00 00 for 3 s" in host.log
-
-
-async def test_a_transaction_held_is_cut_while_a_host_app_waits(
-    pcscd_rig: PcscdRig, tmp_path: Path
-) -> None:
-    policy = policy_file(tmp_path, "hold_limit = 3")
-    async with host_process_peer(pcscd_rig.socket_path, tmp_path, ["--policy", str(policy)]) as (
-        peer,
-        _host,
-    ):
-        await peer.table(lambda names: READER in names)
-        await peer.ok(Connect(1, 2, READER, SHARED, T1))
-        await peer.ok(BeginTransaction(2))
-        app = spawn_program(["begin-transaction", READER], pcscd_rig.socket_path)
-        try:
-            # pcscd keeps the host app's SCardConnect waiting for the guest's transaction...
-            assert await in_thread(no_line_within, app, 1.0), "got the card during the hold"
-            # ...until the hold limit ends it.
-            await in_thread(expect_line, app, "CONNECTED", 15)
-            await in_thread(expect_line, app, "BEGUN", 10)
-        finally:
-            finish(app)
-        assert (await peer.call(Transmit(2, T1, SELECT_APP))).rv == RC.SCARD_W_RESET_CARD
+        assert f"held {hold} on {READER} for 3 s" in host.log
 
 
 async def test_direct_escape_codes_and_set_attrib_never_reach_the_reader(
