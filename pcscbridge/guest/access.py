@@ -1,10 +1,12 @@
 """Which local clients may use the guest server: an optional allow-list of uids and gids,
 checked against the kernel's credentials of each connection (SO_PEERCRED).
 
-A refused client is treated as pcscd treats one that polkit refuses: the connection is closed
-before anything is read ("Rejected unauthorized PC/SC client" in pcscd's log), so libpcsclite
-reports the daemon as unreachable (SCARD_E_NO_SERVICE). The socket's own mode and group
-(--socket-mode, --socket-group) decide who can connect at all.
+A refused client is treated as pcscd treats one that polkit refuses ("Rejected unauthorized
+PC/SC client" in pcscd's log): its connection is closed without a byte read or written. pcscd
+closes after asking polkit, by when the client has sent its first request, and libpcsclite then
+reports SCARD_W_SECURITY_VIOLATION ("Access denied"); `refuse` likewise waits (briefly) for the
+client's first bytes before closing, or the client would see SCARD_E_NO_SERVICE instead. The
+socket's own mode and group (--socket-mode, --socket-group) decide who can connect at all.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import trio
 from ..transports.peers import peer_credentials
 
 log = logging.getLogger("pcscbridge.guest")
+
+REFUSAL_WAIT = 1.0  # seconds a refused client has to send its first request
 
 
 @dataclass(frozen=True)
@@ -42,3 +46,13 @@ class ClientGate:
             credentials or "no credentials",
         )
         return False
+
+
+async def refuse(stream: trio.abc.Stream) -> None:
+    """Close a refused client's connection once it has sent something (or after
+    REFUSAL_WAIT), never reading it."""
+    sock = getattr(stream, "socket", None)
+    if sock is not None:
+        with trio.move_on_after(REFUSAL_WAIT):
+            await trio.lowlevel.wait_readable(sock)
+    await trio.aclose_forcefully(stream)

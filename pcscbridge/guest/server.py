@@ -7,7 +7,7 @@ import logging
 
 import trio
 
-from .access import ClientGate
+from .access import ClientGate, refuse
 from .hostlink import LINK_KEEPALIVE, HostLink
 from .mirror import ReaderMirror
 from .registry import HandleRegistry
@@ -51,7 +51,7 @@ class GuestServer:
                 stream = await listener.accept()
                 name = f"#{next(self._client_numbers)}"
                 if not self.gate.admits(stream, name):
-                    await trio.aclose_forcefully(stream)  # as pcscd when polkit refuses
+                    nursery.start_soon(refuse, stream)  # as pcscd when polkit refuses
                     continue
                 session = ClientSession(
                     stream,
