@@ -78,9 +78,9 @@ async def rv(peer: LinkPeer, call: object) -> int:
 
 async def test_share_modes_by_default_and_when_allowed(backend: SimulatedBackend) -> None:
     async with attached(backend, policy()) as peer:
-        assert await rv(peer, Connect(1, 2, R1, DIRECT, 0)) == RC.SCARD_W_SECURITY_VIOLATION
+        assert await rv(peer, Connect(1, 2, R1, DIRECT, 0)) == RC.SCARD_E_SHARING_VIOLATION
         assert await peer.ok(Connect(1, 3, R0, EXCLUSIVE, T1)) == T1
-        assert await rv(peer, Reconnect(3, DIRECT, T1, 0)) == RC.SCARD_W_SECURITY_VIOLATION
+        assert await rv(peer, Reconnect(3, DIRECT, T1, 0)) == RC.SCARD_E_SHARING_VIOLATION
     async with attached(backend, policy("direct = true\nexclusive = false")) as peer:
         await peer.ok(Connect(1, 2, R1, DIRECT, 0))
         assert await rv(peer, Connect(1, 3, R0, EXCLUSIVE, T1)) == RC.SCARD_W_SECURITY_VIOLATION
@@ -283,7 +283,7 @@ async def test_audit_lines_with_the_policy_s_refusals_and_no_pin() -> None:
     assert select["command"] == SELECT_APP.hex().upper() and select["reader"] == R0
     assert verify["sw"] == "9000" and "masked" in verify["command"]
     assert update["sw"] == "6982" and "read-only" in update["note"]
-    assert direct["rv"] == "SCARD_W_SECURITY_VIOLATION" and "DIRECT" in direct["note"]
+    assert direct["rv"] == "SCARD_E_SHARING_VIOLATION" and "DIRECT" in direct["note"]
     assert release["call"] == "release_context"
 
 

@@ -115,7 +115,7 @@ async def test_direct_escape_codes_and_set_attrib_never_reach_the_reader(
     async with host_process_peer(pcscd_rig.socket_path, tmp_path) as (peer, _host):
         await peer.table(lambda names: EMPTY in names)
         refused = await peer.call(Connect(1, 2, EMPTY, DIRECT, 0))
-        assert refused.rv == RC.SCARD_W_SECURITY_VIOLATION
+        assert refused.rv == RC.SCARD_E_SHARING_VIOLATION
         await peer.ok(Connect(1, 3, READER, SHARED, T1))
         # The feature query passes: the answer is vpcd's own (it has no features).
         query = await peer.call(Control(3, CM_IOCTL_GET_FEATURE_REQUEST, b""))

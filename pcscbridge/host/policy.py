@@ -2,8 +2,9 @@
 says what the settings are; this module enforces them on every call).
 
 Refusals are PC/SC return codes (`Refused`): a reader the guest may not see,
-SCARD_E_UNKNOWN_READER; a share mode, control code or attribute the policy does not allow,
-SCARD_W_SECURITY_VIOLATION (what pcscd answers when polkit refuses access to a card); a
+SCARD_E_UNKNOWN_READER; DIRECT, SCARD_E_SHARING_VIOLATION (as a busy reader); EXCLUSIVE, a
+control code or an attribute the policy does not allow, SCARD_W_SECURITY_VIOLATION (what
+pcscd answers when polkit refuses access to a card); a
 limit reached, SCARD_E_NO_MEMORY (contexts, card handles, as pcscd's own limits) or
 SCARD_E_SERVER_TOO_BUSY (calls in flight). A refused APDU is answered by the policy itself
 with SW 6982 (security status not satisfied), as a card refuses a command it does not allow.
@@ -196,7 +197,9 @@ class GuestPolicyRules:
 
     def _check_share_mode(self, share_mode: int) -> None:
         if share_mode == ShareMode.DIRECT and not self.settings.direct:
-            raise Refused(ReturnCode.SCARD_W_SECURITY_VIOLATION, "DIRECT (direct = false)")
+            # As if the reader were busy: OpenSC then asks SHARED instead, and still finds a
+            # PIN pad in a reader with a card (a refusal proper ends its search).
+            raise Refused(ReturnCode.SCARD_E_SHARING_VIOLATION, "DIRECT (direct = false)")
         if share_mode == ShareMode.EXCLUSIVE and not self.settings.exclusive:
             raise Refused(ReturnCode.SCARD_W_SECURITY_VIOLATION, "EXCLUSIVE (exclusive = false)")
 
