@@ -205,6 +205,7 @@ async def test_a_transaction_held_too_long_is_cut_and_the_handle_reset(
     async with attached(backend, policy("hold_limit = 0.5")) as peer:
         await peer.ok(Connect(1, 2, R0, SHARED, T1))
         await peer.ok(BeginTransaction(2))
+        started = trio.current_time()
         host_app = _host_app_transaction(backend)
         waited = trio.to_thread.run_sync
         assert not await waited(host_app.wait, 0.2), "the host app got the card while held"
@@ -215,6 +216,9 @@ async def test_a_transaction_held_too_long_is_cut_and_the_handle_reset(
         assert await rv(peer, EndTransaction(2, 0)) == RC.SCARD_W_RESET_CARD
         assert await peer.ok(Reconnect(2, SHARED, T1, Disposition.LEAVE_CARD)) == T1
         assert await peer.ok(Transmit(2, T1, SELECT_APP)) == b"\x90\x00"
+        # Its next transaction waits out the cooldown (1 s after the cut, at 0.5 s).
+        await peer.ok(BeginTransaction(2))
+        assert trio.current_time() - started >= 1.4
 
 
 async def test_an_exclusive_handle_held_too_long_is_cut(backend: SimulatedBackend) -> None:
