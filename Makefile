@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
 APT_PACKAGES := pcscd libpcsclite-dev pcsc-tools vsmartcard-vpcd opensc openssh-server socat systemd \
-	gcc python3-dev python3-venv iproute2 util-linux
+	gcc python3-dev python3-venv iproute2 util-linux scdaemon
 # The QEMU tests' tiny guest: QEMU and what its initramfs is built from (rig/qemu_guest.py),
 # and libvirt's schema check for contrib/libvirt;
 # without Recommends (qemu-system-x86's would pull in a GUI).

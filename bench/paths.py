@@ -28,6 +28,8 @@ from .procs import cmdline, die_with_parent, stop_process
 
 START_TIMEOUT = 20.0
 READERS_TIMEOUT = 10.0  # the guest shows the rig's readers within ~1 s of the host starting
+# The default policy allows 32 host contexts per guest; the throughput runs use 64 clients.
+BENCH_POLICY = Path(__file__).with_name("policy.toml")
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,8 @@ def _bridge(
         try:
             guest = bridge.start_guest()
             host_env = _client_env({"PCSCLITE_CSOCK_NAME": env.rig.socket_path})
-            host = BridgeProcess("host", ["host", *host_argv], folder / "host.log", host_env)
+            host_args = ["host", *host_argv, "--policy", str(BENCH_POLICY)]
+            host = BridgeProcess("host", host_args, folder / "host.log", host_env)
             bridge.host = host
             bridge.wait_for_readers(env.rig.reader_names, timeout=READERS_TIMEOUT)
         except Exception as exc:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import __version__
-from .errors import SetupError
+from .errors import SetupError, first_leaf
 from .qemu import DEFAULT_IDLE_RELEASE
 from .transports.endpoints import (
     Endpoint,
@@ -26,6 +26,7 @@ from .transports.endpoints import (
 )
 
 if TYPE_CHECKING:
+    from .guest.access import ClientGate
     from .guest.server import GuestServer
     from .guest.session import SessionOptions
     from .host.backend import Backend
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .host.service import HostLimits, Service
     from .link.endpoint import LinkLimits
     from .transports.process import ProcessStream
+    from .transports.tls import TLSSettings
 
 log = logging.getLogger("pcscbridge")
 
@@ -86,6 +88,89 @@ def _idle_release(text: str) -> float:
     return value
 
 
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError("must be 000..777")
+    return mode
+
+
+def _id(lookup: Callable[[str], int]) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if text.isdigit():
+            return int(text)
+        try:
+            return lookup(text)
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"no such user or group: {text!r}") from None
+
+    return parse
+
+
+def _uid(text: str) -> int:
+    import pwd
+
+    return _id(lambda name: pwd.getpwnam(name).pw_uid)(text)
+
+
+def _gid(text: str) -> int:
+    import grp
+
+    return _id(lambda name: grp.getgrnam(name).gr_gid)(text)
+
+
+def add_tls_options(sub: argparse.ArgumentParser) -> None:
+    """--tls-key and --tls-peer, for a command with a tls: link endpoint."""
+    sub.add_argument(
+        "--tls-key",
+        metavar="PATH",
+        help="with a tls: endpoint: our private key and certificate (PEM, `pcscbridge keygen`)",
+    )
+    sub.add_argument(
+        "--tls-peer",
+        metavar="sha256:HEX",
+        help="with a tls: endpoint: the other side's certificate fingerprint (from its keygen)",
+    )
+
+
+def _tls(args: argparse.Namespace, endpoint: Endpoint) -> TLSSettings | None:
+    if endpoint.kind != "tls":
+        return None
+    from .transports.tls import TLSSettings
+
+    return TLSSettings.load(args.tls_key, args.tls_peer)
+
+
+def add_checkpoint_options(sub: argparse.ArgumentParser, guest_name_default: str) -> None:
+    """The options of a command that serves the host's readers to guests: which policy and
+    audit wrap the host service (see _checked), and the guest's name for both."""
+    sub.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="the policy file (TOML, see `pcscbridge policy check`); default: the built-in "
+        "safe defaults for every guest",
+    )
+    sub.add_argument(
+        "--guest-name",
+        metavar="NAME",
+        help=f"the guest's name in the policy and the audit (default: {guest_name_default})",
+    )
+    sub.add_argument(
+        "--audit",
+        metavar="FILE",
+        help="write one JSON line per call to FILE (- for stderr); PIN data is masked",
+    )
+    sub.add_argument(
+        "--trace",
+        action="store_true",
+        help="audit lines carry whole APDUs (PIN data still masked); implies --audit - "
+        "unless --audit is given",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     default_link = default_link_endpoint()
     parser = argparse.ArgumentParser(
@@ -113,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_endpoint,
         default=default_link,
         metavar="ENDPOINT",
-        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT or stdio; or "
-        f"exec:COMMAND, run when a client needs the host, its stdin/stdout the link "
-        f"(default {default_link})",
+        help=f"where the host's link arrives: unix:PATH, tcp:HOST:PORT (loopback only), "
+        f"tls:HOST:PORT (with --tls-key and --tls-peer) or stdio; or exec:COMMAND, run when a "
+        f"client needs the host, its stdin/stdout the link (default {default_link})",
     )
+    add_tls_options(guest)
 
     _add_link_limits(guest)
     _add_status_socket(guest, "guest")
@@ -127,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--connect",
         type=_endpoint,
         metavar="ENDPOINT",
-        help="dial the guest server's link: unix:PATH, tcp:HOST:PORT or stdio",
+        help="dial the guest server's link: unix:PATH, tcp:HOST:PORT, tls:HOST:PORT or stdio",
     )
     target.add_argument(
         "--ssh",
@@ -171,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the guest server's link endpoint, passed to attach (default: attach's default)",
     )
 
+    add_tls_options(host)
+    add_checkpoint_options(host, "the --connect endpoint, or the --ssh destination")
     _add_link_limits(host)
     _add_status_socket(host, "host")
 
@@ -211,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"without a guest command (default {DEFAULT_IDLE_RELEASE})",
     )
     _add_service_options(qemu)
+    add_checkpoint_options(qemu, "the --vm-name, else the chardev")
     _add_status_socket(qemu, "qemu")
 
     attach = command(
@@ -241,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_client_options(serve)
     _add_service_options(serve)
+    add_checkpoint_options(serve, "local:PATH, PATH the --listen socket")
     _add_status_socket(serve, "serve")
 
     doctor = command(
@@ -256,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also check which protocol this client library speaks and whether the PC/SC "
         "socket accepts it (e.g. a Flatpak runtime's libpcsclite.so.1); repeatable",
     )
+
+    policy = command("policy", "Policy files.")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = policy_commands.add_parser(
+        "check", help="validate a policy file and say what each guest may do"
+    )
+    check.add_argument("file", metavar="FILE")
+
+    keygen = command(
+        "keygen", "Write a TLS key and self-signed certificate; print its fingerprint."
+    )
+    keygen.add_argument("path", metavar="PATH", help="the file to create (PEM, mode 0600)")
 
     command("demo", "Run the whole bridge with simulated readers and show a client using it.")
     return parser
@@ -376,8 +478,40 @@ def _link_limits(args: argparse.Namespace) -> LinkLimits:
 
 
 def _add_client_options(sub: argparse.ArgumentParser) -> None:
-    """The pcsc-lite clients' side: pcscd's socket and what the clients see (guest, serve)."""
+    """The pcsc-lite clients' side: pcscd's socket, who may use it and what the clients see
+    (guest, serve)."""
     _add_guest_limits(sub)
+    sub.add_argument(
+        "--socket-mode",
+        type=_mode,
+        default=0o666,
+        metavar="MODE",
+        help="permissions of the --listen socket, octal (default 666, as pcscd's)",
+    )
+    sub.add_argument(
+        "--socket-group",
+        type=_gid,
+        metavar="GROUP",
+        help="group of the --listen socket (name or number)",
+    )
+    sub.add_argument(
+        "--allow-uid",
+        type=_uid,
+        action="append",
+        default=[],
+        metavar="USER",
+        help="serve only clients of this uid (name or number) or of an --allow-gid; "
+        "repeatable; others are refused as pcscd refuses a client polkit does not allow",
+    )
+    sub.add_argument(
+        "--allow-gid",
+        type=_gid,
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="serve only clients in this group (primary or supplementary), or of an "
+        "--allow-uid; repeatable",
+    )
     sub.add_argument(
         "--listen",
         metavar="PATH",
@@ -465,9 +599,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo()
-    except SetupError as exc:
-        print(f"pcscbridge {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        if args.command == "policy":
+            return _policy_check(args.file)
+        if args.command == "keygen":
+            from .transports.tls import keygen
+
+            fingerprint = keygen(args.path)
+            print(f"wrote a private key and certificate to {args.path}; its fingerprint:")
+            print(fingerprint)
+            return 0
+    except (SetupError, BaseExceptionGroup) as exc:
+        leaf = first_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if not isinstance(leaf, SetupError):
+            raise
+        print(f"pcscbridge {args.command}: {leaf}", file=sys.stderr)
+        return leaf.exit_code
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE
@@ -503,10 +649,14 @@ async def _guest(args: argparse.Namespace) -> int:
 
     activated, created = await _pcscd_socket(args)
     client_listener = activated.pop(0)
-    server = GuestServer(
-        _session_options(args), max_clients=args.max_clients, link_limits=_link_limits(args)
-    )
     link: Endpoint = args.link
+    tls = _tls(args, link)
+    server = GuestServer(
+        _session_options(args),
+        max_clients=args.max_clients,
+        link_limits=_link_limits(args),
+        gate=_client_gate(args),
+    )
     log.info(
         "serving pcsc-lite clients on %s; host link on %s",
         args.listen or "the activated socket",
@@ -522,7 +672,7 @@ async def _guest(args: argparse.Namespace) -> int:
             elif activated:
                 await server.serve(client_listener, link_listener=activated[0])
             else:
-                link_listener = await open_listener(link)
+                link_listener = await open_listener(link, tls=tls)
                 if link.kind == "unix":
                     created.append(link.path)
                 await server.serve(client_listener, link_listener=link_listener)
@@ -549,8 +699,9 @@ async def _serve(args: argparse.Namespace) -> int:
                 activated[0],
                 _checked(core, args),
                 _session_options(args),
-                guest=f"local:{where}",
+                guest=_guest_name(args, f"local:{where}"),
                 max_clients=args.max_clients,
+                gate=_client_gate(args),
                 status=lambda server: _serve_status(
                     args, "serve", {"guest": server.statistics, "service": core.statistics}
                 ),
@@ -589,7 +740,14 @@ async def _pcscd_socket(args: argparse.Namespace) -> tuple[list[trio.SocketListe
         return activated, []
     if not args.listen:
         raise UsageError("--listen PATH is required (or socket activation)")
-    return [await unix_listener(args.listen, 0o666)], [args.listen]  # 0666 as pcscd's socket
+    listener = await unix_listener(args.listen, args.socket_mode, args.socket_group)
+    return [listener], [args.listen]
+
+
+def _client_gate(args: argparse.Namespace) -> ClientGate:
+    from .guest.access import ClientGate
+
+    return ClientGate(frozenset(args.allow_uid), frozenset(args.allow_gid))
 
 
 async def _guest_with_link_on_demand(
@@ -624,8 +782,30 @@ def _backend(name: str, sim_readers: int = 2) -> Backend:
 
 def _checked(core: Service, args: argparse.Namespace) -> Service:
     """The host service every front-end uses: the core wrapped in the checkpoints the arguments
-    ask for (policy inside, audit outside, so the audit sees the policy's refusals)."""
-    return core
+    ask for (add_checkpoint_options): the policy (the built-in defaults without --policy)
+    inside, the audit outside, so the audit sees the policy's refusals."""
+    from .host.audit import Audit
+    from .host.checkpoint import CheckedService
+    from .host.policy import Policy
+    from .host.policy_file import PolicyFile, load_policy
+
+    settings = load_policy(args.policy) if args.policy else PolicyFile()
+    service: Service = CheckedService(core, Policy(settings))
+    if args.audit or args.trace:
+        service = CheckedService(service, Audit.to_path(args.audit or "-", trace=args.trace))
+    return service
+
+
+def _guest_name(args: argparse.Namespace, default: str) -> str:
+    """--guest-name, or the front-end's own name for its guest."""
+    return str(args.guest_name or default)
+
+
+def _policy_check(path: str) -> int:
+    from .host.policy_file import load_policy, summary
+
+    print(summary(load_policy(path)))  # PolicyError (with the line) is reported by main
+    return 0
 
 
 async def _host(args: argparse.Namespace) -> int:
@@ -696,7 +876,9 @@ async def _qemu(args: argparse.Namespace) -> int:
         print("pcscbridge qemu: give one --reader per --chardev, in order", file=sys.stderr)
         return EXIT_USAGE
     configs = [
-        VirtualReaderConfig(chardev, pattern, args.vm_name or str(chardev), args.idle_release)
+        VirtualReaderConfig(
+            chardev, pattern, _guest_name(args, args.vm_name or str(chardev)), args.idle_release
+        )
         for chardev, pattern in zip(args.chardev, args.reader, strict=True)
     ]
     backend = _backend(args.backend, args.sim_readers)
@@ -713,18 +895,21 @@ async def _qemu(args: argparse.Namespace) -> int:
 async def _host_over_link(args: argparse.Namespace, service: Service) -> int:
     from .host.runner import LinkKeeper
     from .transports.endpoints import connect
+    from .transports.tls import TLSLinkError
 
     endpoint: Endpoint = args.connect
+    tls = _tls(args, endpoint)
 
     async def open_link() -> trio.abc.Stream:
-        return await connect(endpoint)
+        return await connect(endpoint, tls)
 
-    log.info("serving the host's readers (%s) to the guest at %s", args.backend, endpoint)
+    guest = _guest_name(args, str(endpoint))
+    log.info("serving the host's readers (%s) to guest %r at %s", args.backend, guest, endpoint)
     keeper = LinkKeeper(
         open_link,
         service,
-        guest=str(endpoint),
-        is_transient=lambda exc: isinstance(exc, OSError),
+        guest=guest,
+        is_transient=lambda exc: isinstance(exc, OSError | TLSLinkError),
         link_limits=_link_limits(args),
     )
     await _keep_attached(args, service, keeper)

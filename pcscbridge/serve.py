@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from .guest.access import ClientGate
 from .guest.mirror import ReaderMirror
 from .guest.server import MAX_CLIENTS, GuestServer
 from .guest.session import SessionOptions
@@ -90,6 +91,7 @@ async def serve_locally(
     *,
     guest: str,
     max_clients: int = MAX_CLIENTS,
+    gate: ClientGate | None = None,
     status: Callable[[GuestServer], Awaitable[None]] | None = None,
 ) -> None:
     """Serve pcsc-lite clients on `client_listener` from `service`, as guest `guest`;
@@ -97,7 +99,7 @@ async def serve_locally(
     session = service.open_session(guest)
     mirror = ReaderMirror()
     server = GuestServer(
-        options, mirror=mirror, card_host=LocalHost(session), max_clients=max_clients
+        options, mirror=mirror, card_host=LocalHost(session), max_clients=max_clients, gate=gate
     )
     try:
         async with trio.open_nursery() as nursery:

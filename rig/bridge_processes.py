@@ -109,6 +109,7 @@ class Bridge:
         self.host_pcscd_socket = host_pcscd_socket
         self.backend = backend
         self.verbose = verbose
+        self.guest_extra: list[str] = []  # more `pcscbridge guest` options
         self.guest: BridgeProcess | None = None
         self.host: BridgeProcess | None = None
 
@@ -140,6 +141,7 @@ class Bridge:
                 self.link,
                 "--status-socket",
                 self.status_socket("guest"),
+                *self.guest_extra,
                 *(extra or []),
             ],
             self.folder / "guest.log",

@@ -283,6 +283,58 @@ def card_after_reset(reader: str) -> int:
     return 0
 
 
+def connect_retry(reader: str, seconds: str = "30") -> int:
+    """Connect SHARED, retrying while the reader is held EXCLUSIVE (SCARD_E_SHARING_VIOLATION),
+    as a user trying again would; say CONNECTED, then transmit a SELECT and say OK."""
+    scard = _scard()
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    _check("SCardEstablishContext", hresult)
+    deadline = time.monotonic() + float(seconds)
+    while True:
+        hresult, card, _ = scard.SCardConnect(
+            context, reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
+        )
+        if hresult != scard.SCARD_E_SHARING_VIOLATION or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    _check("SCardConnect", hresult)
+    print("CONNECTED", flush=True)
+    ok = _transmit(scard, card, scard.SCARD_PCI_T1, SELECT_APP) == b"\x90\x00"
+    print("OK" if ok else "FAILED", flush=True)
+    scard.SCardReleaseContext(context)
+    return 0
+
+
+def pin_paths(reader: str, pin: str, new_pin: str, puk: str, control_code: str) -> int:
+    """Send a PIN every way an application can: VERIFY, CHANGE REFERENCE DATA (to new_pin and
+    back), RESET RETRY COUNTER, and SCardControl with PC/SC part 10 PIN verify and modify
+    structures carrying it. Prints each step's return code and status word."""
+    scard = _scard()
+    context, card, pci = _connect(scard, reader)
+
+    def padded(value: str) -> bytes:
+        return value.encode().ljust(8, b"\xff")
+
+    steps = [
+        ("verify", bytes.fromhex("0020008008") + padded(pin)),
+        ("change", bytes.fromhex("0024008010") + padded(pin) + padded(new_pin)),
+        ("change back", bytes.fromhex("0024008010") + padded(new_pin) + padded(pin)),
+        ("reset retry counter", bytes.fromhex("002C008010") + padded(puk) + padded(pin)),
+    ]
+    for what, apdu in steps:
+        hresult, response = scard.SCardTransmit(card, pci, list(apdu))
+        _emit(step=what, rv=hresult & 0xFFFFFFFF, sw=bytes(response[-2:]).hex())
+    # PIN_VERIFY_STRUCTURE / PIN_MODIFY_STRUCTURE (abData at 19 / 24) with the PIN in abData.
+    verify = bytes(15) + (13).to_bytes(4, "little") + steps[0][1]
+    modify = bytes(20) + (21).to_bytes(4, "little") + steps[1][1]
+    for what, data in (("pin pad verify", verify), ("pin pad modify", modify)):
+        hresult, _ = scard.SCardControl(card, int(control_code, 0), list(data))
+        _emit(step=what, rv=hresult & 0xFFFFFFFF)
+    scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
+    scard.SCardReleaseContext(context)
+    return 0
+
+
 PROGRAMS: dict[str, Callable[..., int]] = {
     "full": full,
     "session": session,
@@ -293,6 +345,8 @@ PROGRAMS: dict[str, Callable[..., int]] = {
     "select-hold-read": select_hold_read,
     "long-lived": long_lived,
     "card-after-reset": card_after_reset,
+    "connect-retry": connect_retry,
+    "pin-paths": pin_paths,
 }
 
 

@@ -10,6 +10,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 
 # The pyscard test programs, run by name: `[*PROGRAMS, "full", reader]`.
 PROGRAMS = [sys.executable, "-m", "rig.pcsc_programs"]
@@ -28,13 +29,20 @@ def spawn_program(args: list[str], socket_path: str) -> subprocess.Popen[str]:
 
 
 def read_line(process: subprocess.Popen[str], timeout: float, what: str = "output") -> str:
-    """The next line `process` prints (stripped), within `timeout` seconds."""
+    """The next line `process` prints (stripped), within `timeout` seconds. Read a byte at a
+    time from the pipe: a buffered readline could swallow the next line too, and a select for
+    it would then wait in vain."""
     assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, f"no {what} within {timeout}s"
-    line = process.stdout.readline()
-    assert line, f"program ended: {process.stderr.read() if process.stderr else ''}"
-    return line.strip()
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"no {what} within {timeout}s"
+        byte = os.read(fd, 1)
+        assert byte, f"program ended: {process.stderr.read() if process.stderr else ''}"
+        line += byte
+    return line.decode().strip()
 
 
 def expect_line(process: subprocess.Popen[str], wanted: str, timeout: float = 10) -> None:

@@ -92,18 +92,19 @@ def test_an_option_added_later_is_a_key_without_code_for_it(tmp_path: Path) -> N
     def with_more_options() -> argparse.ArgumentParser:
         parser = cli.build_parser()
         host = config._subparsers(parser)["host"]
-        host.add_argument("--policy", type=Path, metavar="FILE")
+        host.add_argument("--later-file", type=Path, metavar="FILE")
         host.add_argument("--max-contexts", type=int, default=8)
-        host.add_argument("--audit", action="append", default=[])
+        host.add_argument("--later-list", action="append", default=[])
         return parser
 
     file = write(
         tmp_path / "a.toml",
-        '[host]\nssh = "vm"\npolicy = "/etc/p.toml"\nmax-contexts = 3\naudit = ["a", "b"]\n',
+        '[host]\nssh = "vm"\nlater-file = "/etc/p.toml"\nmax-contexts = 3\n'
+        'later-list = ["a", "b"]\n',
     )
     args = parse_arguments(with_more_options, ["host", "--config", str(file)])
-    assert args.policy == Path("/etc/p.toml") and args.max_contexts == 3
-    assert args.audit == ["a", "b"]
+    assert args.later_file == Path("/etc/p.toml") and args.max_contexts == 3
+    assert args.later_list == ["a", "b"]
 
 
 @pytest.mark.parametrize(

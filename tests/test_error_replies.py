@@ -237,8 +237,14 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]
     check_rig_prerequisites()
     with PcscdRig(2) as rig:
         rig.insert_card(0)
-        with Bridge(tmp_path_factory.mktemp("bridge"), rig.socket_path) as bridge:
-            bridge.start(expected_readers=rig.reader_names)
+        folder = tmp_path_factory.mktemp("bridge")
+        # The policy lets through what pcscd itself refuses, so that its refusals are compared.
+        policy = folder / "policy.toml"
+        policy.write_text('[guests."*"]\ncontrol_codes = [0x42000001]\nset_attrib = true\n')
+        with Bridge(folder, rig.socket_path) as bridge:
+            bridge.start_guest()
+            bridge.start_host(["--policy", str(policy)])
+            bridge.wait_for_readers(rig.reader_names)
             yield rig.socket_path, bridge.socket_path
 
 

@@ -8,27 +8,22 @@ be sent as a hostile or careless guest would, not only what the guest server sen
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
 
-from pcscbridge.host.agent import HostAgent
 from pcscbridge.host.backends.sim import SimulatedBackend
 from pcscbridge.host.backends.simcard import APP_AID, SimulatedCard
 from pcscbridge.host.checkpoint import (
     AllowAll,
-    CheckedService,
     Checkpoint,
     Outcome,
     ReaderRules,
 )
 from pcscbridge.host.readers import HostReader
-from pcscbridge.host.service import Session, open_host_service
+from pcscbridge.host.service import Session
 from pcscbridge.link.calls import (
     CATALOGUE,
     BeginTransaction,
@@ -46,7 +41,7 @@ from pcscbridge.link.calls import (
     Transmit,
 )
 from pcscbridge.pcsc import Disposition, Protocol, ReturnCode, ShareMode
-from pcscbridge.testing.linkpeer import LinkPeer, open_link_peer
+from pcscbridge.testing.linkpeer import LinkPeer, attached_to_host
 from rig.host_peer import host_process_peer
 from rig.pcscd_rig import PcscdRig
 
@@ -79,18 +74,10 @@ class Recorder(AllowAll):
         return [o for stage, m, o in self.seen if stage == "after" and m == method]  # type: ignore[misc]
 
 
-@asynccontextmanager
-async def attached(checkpoint: Checkpoint, backend: SimulatedBackend) -> AsyncIterator[LinkPeer]:
-    """A link peer attached to a host agent over `backend`, through `checkpoint`. When the
-    block ends, the link closes and the service stops (its queued releases done)."""
-    guest_side, host_side = trio.testing.memory_stream_pair()
-    async with open_host_service(backend) as core, trio.open_nursery() as nursery:
-        agent = HostAgent(CheckedService(core, checkpoint), guest="recorded guest")
-        nursery.start_soon(agent.serve, host_side)
-        async with open_link_peer(guest_side) as peer:
-            yield peer
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.cancel_scope.cancel()
+def attached(
+    checkpoint: Checkpoint, backend: SimulatedBackend
+) -> AbstractAsyncContextManager[LinkPeer]:
+    return attached_to_host(backend, checkpoint, guest="recorded guest")
 
 
 @pytest.fixture

@@ -144,3 +144,19 @@ def test_man_page_and_completions_come_from_the_parser(tmp_path: Path) -> None:
         check=True,
     )
     assert completed.stdout.split() == ["--ssh-client", "--ssh-config"]
+
+
+def test_keygen_without_cryptography_says_what_to_install(tmp_path: Path) -> None:
+    without = WITHOUT_HOST_EXTRA.replace(
+        "sys.modules['paramiko'] = None\n",
+        "sys.modules['paramiko'] = None\nsys.modules['cryptography'] = None\n",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", without, "keygen", str(tmp_path / "key.pem")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "pip install 'pcscbridge[tls]'" in result.stderr
+    assert not (tmp_path / "key.pem").exists()

@@ -106,7 +106,7 @@ class TestSimulatedCard:
         # Le=00 at the end of the EF: what is left, 9000; a non-zero Le past the end: 6282
         assert sim_card.process_apdu(apdu("00B00FF000")) == expected[-16:] + b"\x90\x00"
         assert sim_card.process_apdu(apdu("00B00FF020")) == expected[-16:] + b"\x62\x82"
-        assert sim_card.process_apdu(apdu("00B0100000")) == b"\x90\x00"  # offset == size
+        assert sim_card.process_apdu(apdu("00B0100000")) == b"\x6b\x00"  # offset == size
         assert sim_card.process_apdu(apdu("00B0100100")) == b"\x6b\x00"  # beyond
         assert sim_card.process_apdu(apdu("00B08100 00")) == b"\x6a\x81"  # SFI
         assert sim_card.process_apdu(apdu("00B00000")) == b"\x67\x00"  # no Le

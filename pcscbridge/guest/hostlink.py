@@ -8,10 +8,12 @@ from typing import Any
 
 import trio
 
+from ..errors import PeerError
 from ..link.calls import BadResult, CardCall, Connect, Ping, ReleaseContext
 from ..link.endpoint import LinkClosed, LinkEndpoint, LinkLimits, MessageTooLarge
 from ..link.protocol import READERS_TOPIC, Push, Request, Response, decode_readers
 from ..pcsc import PCSCError, ReturnCode
+from ..transports.peers import link_identity
 from .mirror import ReaderMirror
 
 log = logging.getLogger("pcscbridge.guest")
@@ -19,9 +21,16 @@ log = logging.getLogger("pcscbridge.guest")
 LINK_KEEPALIVE = 5.0  # seconds between pings to the host; silent for twice that: link dropped
 
 
+class LinkRefused(PeerError):
+    """A second link that does not authenticate as the attached host."""
+
+
 class HostLink:
-    """At most one host is attached at a time. Every change of link starts a new generation:
-    card handles opened on an older one are gone (the host released them)."""
+    """At most one host is attached at a time. A new link replaces the attached one only when
+    both authenticate as the same host (the pinned TLS peer, or the same uid on the UNIX
+    socket); an unauthenticated link (TCP, stdio) never replaces one, so a local impostor
+    cannot take the link over. Every change of link starts a new generation: card handles
+    opened on an older one are gone (the host released them)."""
 
     def __init__(
         self,
@@ -36,6 +45,7 @@ class HostLink:
         self.generation = 0
         self.readers_pushed = trio.Event()  # the attached host has sent its readers
         self._endpoint: LinkEndpoint | None = None
+        self._identity: str | None = None  # what the attached link authenticated as
         self._contexts_on_link: set[int] = set()  # guest contexts the host knows
         self._numbers = itertools.count(1)
 
@@ -107,19 +117,29 @@ class HostLink:
 
     # --- attaching --------------------------------------------------------------------------
     async def attach(self, stream: trio.abc.Stream) -> None:
-        """Serve one host link until it ends. A newer link replaces an older one."""
+        """Serve one host link until it ends; it replaces the attached one if it
+        authenticates as the same host, else it is refused."""
         name = f"host link #{next(self._numbers)}"
         async with trio.open_nursery() as nursery:
 
             def adopt(_: object) -> None:
                 # At the hello, before the link's first push is applied: the mirror must show
-                # the new host's readers, never be cleared after them.
+                # the new host's readers, never be cleared after them. By now the transport
+                # has authenticated the peer (TLS handshakes run before the hello).
+                identity = link_identity(stream)
                 previous = self._endpoint
                 if previous is not None:
-                    log.warning("a new host attached (%s); dropping the previous link", name)
+                    if identity is None or identity != self._identity:
+                        raise LinkRefused(
+                            f"refused: a host is attached ({self._identity or 'unauthenticated'})"
+                            f" and this link ({identity or 'unauthenticated'}) does not "
+                            "authenticate as the same host"
+                        )
+                    log.warning("the host attached again (%s); dropping its previous link", name)
                     self._lost(previous)
                     nursery.start_soon(previous.aclose)
                 self._endpoint = endpoint
+                self._identity = identity
                 self.generation += 1
 
             endpoint = LinkEndpoint(

@@ -10,6 +10,7 @@ import trio
 from ..link.endpoint import LinkLimits
 from ..stats import CallStats
 from ..transports.accepting import Acceptor
+from .access import ClientGate, refuse
 from .hostlink import LINK_KEEPALIVE, HostLink
 from .mirror import ReaderMirror
 from .registry import HandleRegistry
@@ -30,8 +31,10 @@ class GuestServer:
         link_limits: LinkLimits | None = None,
         mirror: ReaderMirror | None = None,
         card_host: Host | None = None,
+        gate: ClientGate | None = None,
     ) -> None:
         self.options = options or SessionOptions()
+        self.gate = gate or ClientGate()
         self.mirror = mirror or ReaderMirror()
         self.registry: HandleRegistry[ClientSession] = HandleRegistry()
         self.host = HostLink(self.mirror, keepalive=keepalive, limits=link_limits)
@@ -78,9 +81,13 @@ class GuestServer:
         await self.links.serve(listener)
 
     async def _serve_client(self, stream: trio.abc.Stream) -> None:
+        name = f"#{next(self._client_numbers)}"
+        if not self.gate.admits(stream, name):
+            await refuse(stream)  # as pcscd when polkit refuses
+            return
         session = ClientSession(
             stream,
-            f"#{next(self._client_numbers)}",
+            name,
             mirror=self.mirror,
             registry=self.registry,
             host=self.card_host,

@@ -5,7 +5,9 @@ refuse it (raise PCSCError) or rewrite it (return another call: a renamed reader
 to the host's name); its `after` hook sees how the call ended (result or return code, and how
 long it took); `readers` decides which readers the guest sees and under which names. Every
 call passes, release and ping included, and so does the release of everything a guest held
-when it goes away. `cli.py` composes them:
+when it goes away. A refusal is a `Refused` (a PCSCError with the reason); a checkpoint may
+also answer a call itself (`Answered`: a denied APDU's SW 6982), and the outer checkpoints'
+`after` hooks see the reason as `Outcome.note`. `cli.py` composes them:
 
     service = CheckedService(CheckedService(HostService(backend), policy), audit)
 """
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from ..errors import BridgeError
 from ..link.calls import Call, Connect, ReleaseContext
 from ..pcsc import PCSCError, ReturnCode
 from .readers import HostReader, ReaderSnapshot
@@ -30,6 +33,24 @@ class Outcome:
     rv: int
     result: Any
     duration: float  # seconds, from the before hook's return to the call's end
+    note: str = ""  # why a checkpoint refused or answered the call itself
+
+
+class Refused(PCSCError):
+    """A checkpoint refused the call: the guest gets `rv`; `reason` is for logs and audit."""
+
+    def __init__(self, rv: int, reason: str) -> None:
+        super().__init__(rv, reason)
+        self.reason = reason
+
+
+class Answered(BridgeError):
+    """A checkpoint answered the call itself, with `result` (rv 0), without running it."""
+
+    def __init__(self, result: Any, reason: str) -> None:
+        super().__init__(reason)
+        self.result = result
+        self.reason = reason
 
 
 class GuestRules(Protocol):
@@ -122,16 +143,37 @@ class CheckedSession:
         self.guest = inner.guest
 
     async def call(self, call: Call) -> Any:
+        try:
+            return await self.checked_call(call)
+        except Answered as answer:
+            return answer.result
+
+    async def checked_call(self, call: Call) -> Any:
+        """`call`, but a checkpoint's own answer comes as Answered (so that a checkpoint
+        wrapping this one sees it as such)."""
         started = time.perf_counter()
         try:
             checked = await self.rules.before(call, self.inner)
             started = time.perf_counter()
-            result = await self.inner.call(checked)
-        except PCSCError as exc:
-            self.rules.after(call, Outcome(exc.rv, None, time.perf_counter() - started))
+            if isinstance(self.inner, CheckedSession):
+                result = await self.inner.checked_call(checked)
+            else:
+                result = await self.inner.call(checked)
+        except Answered as answer:
+            self._after(call, 0, answer.result, started, answer.reason)
             raise
-        self.rules.after(checked, Outcome(0, result, time.perf_counter() - started))
+        except PCSCError as exc:
+            self._after(call, exc.rv, None, started, getattr(exc, "reason", ""))
+            raise
+        except BaseException:
+            # Cancelled (the guest went away) or a bug: the hooks still see the call end.
+            self._after(call, ReturnCode.SCARD_E_CANCELLED, None, started, "not completed")
+            raise
+        self._after(checked, 0, result, started, "")
         return result
+
+    def _after(self, call: Call, rv: int, result: Any, started: float, note: str) -> None:
+        self.rules.after(call, Outcome(rv, result, time.perf_counter() - started, note))
 
     async def wait_readers(self, after: int) -> ReaderSnapshot:
         snapshot = await self.inner.wait_readers(after)

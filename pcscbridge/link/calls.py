@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import PeerError
+from ..iso7816.pin import show_command
 from ..pcsc import ReturnCode
 
 U32_MAX = 0xFFFFFFFF
@@ -136,12 +137,20 @@ class Transmit(Call):
     send_pci_protocol: int
     command: bytes
 
+    def __repr__(self) -> str:
+        # Logs show the header and length only: the data may be a PIN.
+        return f"Transmit({self.h_card}, {self.send_pci_protocol}, {show_command(self.command)})"
+
 
 @_link_method("control", bytes)
 class Control(Call):
     h_card: int
     control_code: int
     data: bytes
+
+    def __repr__(self) -> str:
+        # A PIN-pad structure or an escape command may hold a PIN: never shown.
+        return f"Control({self.h_card}, 0x{self.control_code:08X}, {len(self.data)} bytes)"
 
 
 @_link_method("get_attrib", bytes)
@@ -155,6 +164,9 @@ class SetAttrib(Call):
     h_card: int
     attr_id: int
     value: bytes
+
+    def __repr__(self) -> str:
+        return f"SetAttrib({self.h_card}, 0x{self.attr_id:08X}, {len(self.value)} bytes)"
 
 
 @_link_method("release_context")

@@ -173,6 +173,8 @@ class LinkEndpoint:
             nursery.cancel_scope.cancel()
 
     def _accept_hello(self, hello: Message | None) -> Hello:
+        if hello is None:
+            raise LinkProtocolError("the peer closed the link before its hello (a tls: peer?)")
         if not isinstance(hello, Hello) or hello.protocol != LINK_PROTOCOL:
             raise LinkProtocolError(
                 f"expected a link protocol {LINK_PROTOCOL} hello, got {hello!r}"

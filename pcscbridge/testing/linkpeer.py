@@ -5,6 +5,8 @@
 
 It speaks only the link protocol, so a test can act as a careless or hostile guest: calls the
 guest server never makes, handles of its own choosing, names with bytes after a NUL.
+`attached_to_host` runs the host side in the same process: a host agent over a backend,
+through a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
+import trio.testing
 
+from ..host.agent import HostAgent
+from ..host.backend import Backend
+from ..host.checkpoint import CheckedService, Checkpoint
+from ..host.service import Service, open_host_service
 from ..link.calls import Call
 from ..link.endpoint import LinkEndpoint
 from ..link.protocol import Push, Response, decode_readers
@@ -59,4 +66,23 @@ async def open_link_peer(stream: trio.abc.Stream) -> AsyncIterator[LinkPeer]:
             raise ConnectionError("the host did not complete the link's hello")
         yield peer
         await peer.endpoint.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def attached_to_host(
+    backend: Backend, *checkpoints: Checkpoint, guest: str = "guest"
+) -> AsyncIterator[LinkPeer]:
+    """A link peer attached to a host agent serving `backend` to a guest named `guest`, through
+    `checkpoints` (the first innermost). When the block ends, the link closes and the service
+    stops (its queued releases done)."""
+    guest_side, host_side = trio.testing.memory_stream_pair()
+    async with open_host_service(backend) as core, trio.open_nursery() as nursery:
+        service: Service = core
+        for checkpoint in checkpoints:
+            service = CheckedService(service, checkpoint)
+        nursery.start_soon(HostAgent(service, guest=guest).serve, host_side)
+        async with open_link_peer(guest_side) as peer:
+            yield peer
+        await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()

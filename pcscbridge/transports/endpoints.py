@@ -1,5 +1,5 @@
-"""Link endpoints: `unix:PATH`, `tcp:HOST:PORT`, `stdio`, `exec:COMMAND`; listeners and
-connections for each."""
+"""Link endpoints: `unix:PATH`, `tcp:HOST:PORT`, `tls:HOST:PORT`, `stdio`, `exec:COMMAND`;
+listeners and connections for each (TLS: transports/tls.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import trio
 from ..errors import SetupError
 from .process import open_process_stream
 from .stdio import StdioStream
+from .tls import PinnedTLSListener, PinnedTLSStream, TLSSettings
 
 
 class EndpointError(SetupError):
@@ -26,7 +27,7 @@ class EndpointError(SetupError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    kind: str  # "unix", "tcp", "stdio" or "exec"
+    kind: str  # "unix", "tcp", "tls", "stdio" or "exec"
     path: str = ""
     host: str = ""
     port: int = 0
@@ -35,9 +36,9 @@ class Endpoint:
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
-        if self.kind == "tcp":
+        if self.kind in ("tcp", "tls"):
             host = f"[{self.host}]" if ":" in self.host else self.host
-            return f"tcp:{host}:{self.port}"
+            return f"{self.kind}:{host}:{self.port}"
         if self.kind == "exec":
             return f"exec:{shlex.join(self.command)}"
         return "stdio"
@@ -60,15 +61,15 @@ def parse_endpoint(text: str) -> Endpoint:
     kind, _, rest = text.partition(":")
     if kind == "unix" and rest:
         return Endpoint("unix", path=rest)
-    if kind == "tcp" and rest:
+    if kind in ("tcp", "tls") and rest:
         host, _, port = rest.rpartition(":")
         host = host.strip("[]")
         if host and port.isdigit() and 0 < int(port) < 65536:
-            return Endpoint("tcp", host=host, port=int(port))
+            return Endpoint(kind, host=host, port=int(port))
     if kind == "exec":
         return _exec_endpoint(text, rest)
     raise EndpointError(
-        f"bad endpoint {text!r}: use unix:PATH, tcp:HOST:PORT, stdio or exec:COMMAND"
+        f"bad endpoint {text!r}: use unix:PATH, tcp:HOST:PORT, tls:HOST:PORT, stdio or exec:COMMAND"
     )
 
 
@@ -92,29 +93,42 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def open_listener(endpoint: Endpoint, mode: int = 0o600) -> trio.SocketListener:
+async def open_listener(
+    endpoint: Endpoint, mode: int = 0o600, tls: TLSSettings | None = None
+) -> trio.abc.Listener[trio.abc.Stream]:
     if endpoint.kind == "unix":
         return await unix_listener(endpoint.path, mode)
-    if endpoint.kind == "tcp":
-        if not _is_loopback(endpoint.host):
-            raise EndpointError(
-                f"refusing to listen on {endpoint}: the link has no authentication yet, so a "
-                "non-loopback TCP link would be open to anyone. Listen on 127.0.0.1 or ::1, "
-                "or carry the link over SSH (pcscbridge host --ssh)."
-            )
-        listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
-        return listeners[0]
+    if endpoint.kind == "tcp" and not _is_loopback(endpoint.host):
+        raise EndpointError(
+            f"refusing to listen on {endpoint}: a plain TCP link has no authentication, so a "
+            "non-loopback TCP link would be open to anyone. Listen on 127.0.0.1 or ::1, use "
+            "a tls: endpoint, or carry the link over SSH (pcscbridge host --ssh)."
+        )
+    if endpoint.kind in ("tcp", "tls"):
+        listener = (await trio.open_tcp_listeners(endpoint.port, host=endpoint.host))[0]
+        if endpoint.kind == "tcp":
+            return listener
+        return PinnedTLSListener(listener, _required(tls))
     raise EndpointError(f"cannot listen on {endpoint}")
 
 
-async def connect(endpoint: Endpoint) -> trio.abc.Stream:
+def _required(tls: TLSSettings | None) -> TLSSettings:
+    return tls if tls is not None else TLSSettings.load(None, None)  # raises: what is missing
+
+
+async def connect(endpoint: Endpoint, tls: TLSSettings | None = None) -> trio.abc.Stream:
     if endpoint.kind == "unix":
         return await trio.open_unix_socket(endpoint.path)
-    if endpoint.kind == "tcp":
+    if endpoint.kind in ("tcp", "tls"):
+        settings = _required(tls) if endpoint.kind == "tls" else None
         stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
         # Every link message is one send; never let Nagle hold one back.
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return stream
+        if settings is None:
+            return stream
+        secured = PinnedTLSStream(stream, settings, dialer=True)
+        await secured.handshake()
+        return secured
     if endpoint.kind == "stdio":
         return StdioStream()
     if endpoint.kind == "exec":
@@ -123,7 +137,7 @@ async def connect(endpoint: Endpoint) -> trio.abc.Stream:
     raise EndpointError(f"cannot connect to {endpoint}")
 
 
-async def unix_listener(path: str, mode: int) -> trio.SocketListener:
+async def unix_listener(path: str, mode: int, group: int | None = None) -> trio.SocketListener:
     """Listen on a UNIX socket path, replacing a stale socket file but never a live one."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +151,8 @@ async def unix_listener(path: str, mode: int) -> trio.SocketListener:
     try:
         await sock.bind(path)
         os.chmod(path, mode)
+        if group is not None:
+            os.chown(path, -1, group)
         sock.listen(128)
     except OSError as exc:
         sock.close()

@@ -31,11 +31,23 @@ Instruction set (anything else: unknown INS -> 6D00, CLA other than 00/80 -> 6E0
         08 FMD (64), 0C nothing. Other P1/P2 -> 6B00, not found -> 6A82, bad data length -> 6700.
     ``00 B0`` READ BINARY of the current EF
         offset P1P2 (P1 bit 8 must be 0: SFI not supported -> 6A81); Le required (short or
-        extended, so up to 65536 bytes). Offset beyond the end -> 6B00. Le = 00/0000 reads up
+        extended, so up to 65536 bytes). Offset at or beyond the end -> 6B00. Le = 00/0000 reads up
         to the end -> 9000; a non-zero Le that runs past the end returns what there is + 6282.
         No current EF -> 6986.
     ``00 84`` GET CHALLENGE
         P1P2 = 0000 (else 6B00), Le required: Le random bytes.
+    ``00 D6`` UPDATE BINARY of the current EF
+        offset P1P2 (as READ BINARY), data written in place; past the end -> 6B00 (the EF
+        never grows). Changes last as long as the card object.
+    ``00 20`` VERIFY, ``00 24`` CHANGE REFERENCE DATA, ``00 2C`` RESET RETRY COUNTER
+        Two references, PIV style: P2=80 the PIN (:data:`TEST_PIN`), P2=81 the PUK
+        (:data:`TEST_PUK`), each 8 bytes padded with FF, :data:`PIN_TRIES` tries. VERIFY
+        without data tells the state: 9000 verified, 63Cx x tries left, 6983 blocked. VERIFY
+        with a wrong value -> 63Cx (one try less), the last one -> 6983; a right one -> 9000
+        and the tries are full again. CHANGE REFERENCE DATA (P1=00): old || new value, tries
+        counted as VERIFY. RESET RETRY COUNTER (P1=00, P2=80): PUK || new PIN, counting PUK
+        tries; the PIN is unblocked with full tries. Verification lasts until a reset. Other
+        P1/P2 -> 6A86, data not 8/16 bytes -> 6700.
     ``80 10`` ECHO
         responds with the command data (0..65535 bytes) + 9000; P1P2 and Le are ignored.
     ``80 12`` RESPOND N
@@ -70,6 +82,8 @@ SW_FUNCTION_NOT_SUPPORTED = b"\x6a\x81"
 SW_FILE_NOT_FOUND = b"\x6a\x82"
 SW_NO_CURRENT_EF = b"\x69\x86"
 SW_WRONG_P1P2 = b"\x6b\x00"
+SW_INCORRECT_P1P2 = b"\x6a\x86"
+SW_AUTH_BLOCKED = b"\x69\x83"
 SW_INS_NOT_SUPPORTED = b"\x6d\x00"
 SW_CLA_NOT_SUPPORTED = b"\x6e\x00"
 
@@ -79,6 +93,10 @@ CLA_PROPRIETARY = 0x80
 INS_SELECT = 0xA4
 INS_READ_BINARY = 0xB0
 INS_GET_CHALLENGE = 0x84
+INS_UPDATE_BINARY = 0xD6
+INS_VERIFY = 0x20
+INS_CHANGE_REFERENCE_DATA = 0x24
+INS_RESET_RETRY_COUNTER = 0x2C
 INS_ECHO = 0x10
 INS_RESPOND_N = 0x12
 INS_STATUS_WORD = 0x14
@@ -96,6 +114,11 @@ APP_AID = bytes.fromhex("F0") + b"pcscbridge"
 SIZE_EF_SMALL = 32
 SIZE_EF_4K = 4096
 SIZE_EF_60K = 60 * 1024
+
+PIN_REF, PUK_REF = 0x80, 0x81
+TEST_PIN = b"735194"  # the test card's PIN and PUK, unpadded
+TEST_PUK = b"84120637"
+PIN_TRIES = 3
 
 
 # TS=3B direct convention; T0=85: TD1 present, 5 historical bytes; TD1=81: TD2 present, T=1;
@@ -173,6 +196,36 @@ class _WrongLength(Exception):
     """A length the instruction does not accept: answered with 6700."""
 
 
+def pad_pin(value: bytes) -> bytes:
+    """A PIN or PUK as the card takes it: 8 bytes, padded with FF."""
+    return value.ljust(8, b"\xff")
+
+
+@dataclass
+class _Secret:
+    """A PIN or PUK: its value and the tries left."""
+
+    value: bytes
+    tries: int = PIN_TRIES
+    verified: bool = False
+
+    def state(self) -> bytes:
+        if self.verified:
+            return SW_OK
+        return SW_AUTH_BLOCKED if self.tries == 0 else bytes([0x63, 0xC0 | self.tries])
+
+    def check(self, candidate: bytes) -> bytes:
+        """Compare, counting a try; the status word of VERIFY."""
+        if self.tries == 0:
+            return SW_AUTH_BLOCKED
+        if candidate == self.value:
+            self.tries, self.verified = PIN_TRIES, True
+            return SW_OK
+        self.tries -= 1
+        self.verified = False
+        return self.state()
+
+
 class SimulatedCard:
     """An ISO 7816-4 card with a tiny file system and test instructions (see module docstring).
 
@@ -193,6 +246,12 @@ class SimulatedCard:
         self._mf, self._app = _build_filesystem(label)
         self._current_df: _DF = self._mf
         self._current_ef: _EF | None = None
+        self._secrets = {PIN_REF: _Secret(pad_pin(TEST_PIN)), PUK_REF: _Secret(pad_pin(TEST_PUK))}
+
+    @property
+    def pin_tries(self) -> int:
+        """The PIN tries left (tests read it to see what reached the card)."""
+        return self._secrets[PIN_REF].tries
 
     def __repr__(self) -> str:
         return f"SimulatedCard(label={self.label!r})"
@@ -204,6 +263,8 @@ class SimulatedCard:
         self.powered = True
         self._current_df = self._mf
         self._current_ef = None
+        for secret in self._secrets.values():
+            secret.verified = False
         return self.atr
 
     def power_off(self) -> None:
@@ -346,12 +407,59 @@ class SimulatedCard:
         if ef is None:
             return SW_NO_CURRENT_EF
         offset = (apdu.p1 << 8) | apdu.p2
-        if offset > len(ef.data):
+        if offset >= len(ef.data) and ef.data:
+            # Offset outside the EF. (Answering 9000 with no data at the end made GnuPG's
+            # scdaemon read EF.DIR at that offset forever.)
             return SW_WRONG_P1P2
         chunk = ef.data[offset : offset + apdu.ne]
         if len(chunk) < apdu.ne and not apdu.le_is_zero:
             return chunk + SW_END_OF_FILE
         return chunk + SW_OK
+
+    def _update_binary(self, apdu: CommandAPDU) -> bytes:
+        if apdu.p1 & 0x80:
+            return SW_FUNCTION_NOT_SUPPORTED
+        if not apdu.data or apdu.ne is not None:
+            raise _WrongLength
+        ef = self._current_ef
+        if ef is None:
+            return SW_NO_CURRENT_EF
+        offset = (apdu.p1 << 8) | apdu.p2
+        if offset + len(apdu.data) > len(ef.data):
+            return SW_WRONG_P1P2
+        ef.data = ef.data[:offset] + apdu.data + ef.data[offset + len(apdu.data) :]
+        return SW_OK
+
+    def _verify(self, apdu: CommandAPDU) -> bytes:
+        secret = self._secrets.get(apdu.p2)
+        if apdu.p1 != 0x00 or secret is None:
+            return SW_INCORRECT_P1P2
+        if not apdu.data:
+            return secret.state()
+        if len(apdu.data) != 8:
+            raise _WrongLength
+        return secret.check(apdu.data)
+
+    def _change_reference_data(self, apdu: CommandAPDU) -> bytes:
+        secret = self._secrets.get(apdu.p2)
+        if apdu.p1 != 0x00 or secret is None:
+            return SW_INCORRECT_P1P2
+        if len(apdu.data) != 16:
+            raise _WrongLength
+        status = secret.check(apdu.data[:8])
+        if status == SW_OK:
+            secret.value = apdu.data[8:]
+        return status
+
+    def _reset_retry_counter(self, apdu: CommandAPDU) -> bytes:
+        if apdu.p1 != 0x00 or apdu.p2 != PIN_REF:
+            return SW_INCORRECT_P1P2
+        if len(apdu.data) != 16:
+            raise _WrongLength
+        status = self._secrets[PUK_REF].check(apdu.data[:8])
+        if status == SW_OK:
+            self._secrets[PIN_REF] = _Secret(apdu.data[8:])
+        return status
 
     def _get_challenge(self, apdu: CommandAPDU) -> bytes:
         if apdu.p1 or apdu.p2:
@@ -378,6 +486,10 @@ class SimulatedCard:
         INS_SELECT: _select,
         INS_READ_BINARY: _read_binary,
         INS_GET_CHALLENGE: _get_challenge,
+        INS_UPDATE_BINARY: _update_binary,
+        INS_VERIFY: _verify,
+        INS_CHANGE_REFERENCE_DATA: _change_reference_data,
+        INS_RESET_RETRY_COUNTER: _reset_retry_counter,
     }
     _proprietary_instructions: dict[int, Callable[[SimulatedCard, CommandAPDU], bytes]] = {
         INS_ECHO: _echo,
