@@ -107,7 +107,7 @@ def test_build_makes_a_wheel_and_an_sdist_without_deprecation_warnings(tmp_path:
         "contrib/qubes/pcscbridge.Link",
         "contrib/pcscbridge.toml",
         "protocol/link.md",
-        "pcscbridge/cli.py",
+        "pcscbridge/cli/commands.py",
     ):
         assert wanted in files, wanted
 

@@ -269,7 +269,7 @@ async def test_audit_lines_with_the_policy_s_refusals_and_no_pin() -> None:
     sink = io.StringIO()
     sim = SimulatedBackend([R0])
     sim.insert_card(R0, SimulatedCard())
-    # The policy inside the audit, as cli._checked composes them.
+    # The policy inside the audit, as cli.checked_service composes them.
     async with attached(sim, policy('apdus = "read-only"'), Audit(sink, trace=True)) as peer:
         await peer.ok(Connect(7, 8, R0, SHARED, T1))
         await peer.ok(Transmit(8, T1, SELECT_APP))

@@ -7,7 +7,7 @@ long it took); `readers` decides which readers the guest sees and under which na
 call passes, release and ping included, and so does the release of everything a guest held
 when it goes away. A refusal is a `Refused` (a PCSCError with the reason); a checkpoint may
 also answer a call itself (`Answered`: a denied APDU's SW 6982), and the outer checkpoints'
-`after` hooks see the reason as `Outcome.note`. `cli.py` composes them:
+`after` hooks see the reason as `Outcome.note`. `cli/compose.py` composes them:
 
     service = CheckedService(CheckedService(HostService(backend), policy), audit)
 """
