@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .pcsc import PCSCError, rv_name
@@ -35,19 +33,11 @@ class CallStats:
         self.in_flight = 0
         self._recent: dict[str, deque[float]] = {}
 
-    @contextmanager
-    def timing(self, kind: str) -> Iterator[None]:
-        """Count one call of `kind` and its duration; a PCSCError's code counts as an error."""
-        self.in_flight += 1
-        started = time.perf_counter()
-        try:
-            yield
-        except PCSCError as exc:
-            self.errors[rv_name(exc.rv)] += 1
-            raise
-        finally:
-            self.in_flight -= 1
-            self.record(kind, time.perf_counter() - started)
+    def timing(self, kind: str) -> _Timing:
+        """`with stats.timing(kind):` counts one call of `kind` and its duration; a
+        PCSCError's code counts as an error. (A class, not a generator: it is on every
+        call's path.)"""
+        return _Timing(self, kind)
 
     def record(self, kind: str, seconds: float) -> None:
         self.calls[kind] += 1
@@ -69,6 +59,24 @@ class CallStats:
             "in_flight": self.in_flight,
             "latency_ms": {kind: vars(value) for kind, value in self.latency().items()},
         }
+
+
+class _Timing:
+    __slots__ = ("kind", "started", "stats")
+
+    def __init__(self, stats: CallStats, kind: str) -> None:
+        self.stats, self.kind = stats, kind
+
+    def __enter__(self) -> None:
+        self.stats.in_flight += 1
+        self.started = time.perf_counter()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        stats = self.stats
+        stats.in_flight -= 1
+        stats.record(self.kind, time.perf_counter() - self.started)
+        if isinstance(exc, PCSCError):
+            stats.errors[rv_name(exc.rv)] += 1
 
 
 def _latency(durations: deque[float]) -> Latency:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from typing import Any
@@ -80,10 +81,14 @@ class HostLink:
         if h_context not in self._contexts_on_link:
             return
         self._contexts_on_link.discard(h_context)
-        try:
-            await self._call(ReleaseContext(h_context))
-        except PCSCError as exc:
-            log.debug("release_context(%d) on the host: %s", h_context, exc)
+        endpoint = self._endpoint
+        if endpoint is None:
+            return
+        # Posted, not awaited: the host answers a release at once anyway and runs it after the
+        # context's calls under way, and nothing the client sees depends on its outcome, so
+        # SCardReleaseContext costs no round trip (protocol/link.md).
+        with contextlib.suppress(LinkClosed):
+            await endpoint.post(ReleaseContext(h_context))
 
     async def _call(self, call: Connect | CardCall | ReleaseContext) -> Any:
         """No host, or a lost one: the reader is gone."""

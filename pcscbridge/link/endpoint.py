@@ -255,6 +255,16 @@ class LinkEndpoint:
                 raise MessageTooLarge(f"a message of {len(frame)} bytes exceeds the peer's {limit}")
         await self._outbox.send(frame)
 
+    async def post(self, call: Call) -> None:
+        """Send a request and do not wait for its response (it is dropped when it comes):
+        for a call whose outcome changes nothing for the caller (a context's release)."""
+        if self._closed:
+            raise LinkClosed("link is closed")
+        try:
+            await self.send(Request(next(self._ids), call))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise LinkClosed(str(exc)) from None
+
     async def call(self, call: Call) -> Response:
         """Send a request and wait for its response (any return code); LinkClosed when the
         link ends first, MessageTooLarge when the peer would refuse it."""
