@@ -44,6 +44,7 @@ from ..pcsclite.messages import (
 from ..pcsclite.readers import LEGACY_TABLE_SLOTS, ReaderEntry, encode_table, legacy_view
 from ..pcsclite.server import ProtocolViolation, Request, ServerConnection, reader_name
 from ..stats import CallStats
+from ..transports.direct import DirectReader
 from ..transports.ending import connection_ends_logged
 from ..transports.outbox import Outbox
 from .mirror import ReaderMirror, Waiter
@@ -184,7 +185,8 @@ class ClientSession:
         task when nothing is under way; the others go, in order, to the serving task, so this
         one goes on reading: a client that goes away is noticed during a long host call."""
         async with requests:
-            while data := await self.stream.receive_some(RECEIVE_SIZE):
+            reader = DirectReader(self.stream)
+            while data := await reader.receive_some(RECEIVE_SIZE):
                 self.protocol.receive_data(data)
                 while (request := self.protocol.next_request()) is not None:
                     if not self._serving and self._answered_here(request):

@@ -17,6 +17,7 @@ import trio
 from .. import __version__
 from ..errors import BridgeError, ConnectionLost
 from ..pcsc import ReturnCode
+from ..transports.direct import DirectReader
 from ..transports.ending import connection_ends_logged
 from ..transports.outbox import Outbox
 from .calls import Call, Ping
@@ -98,6 +99,7 @@ class LinkEndpoint:
         self._connection = LinkConnection(max_message_size)
         self.limits = limits or LinkLimits()
         self._outbox = Outbox(stream, self.limits.unread, self.limits.write_timeout)
+        self._reader = DirectReader(stream)
         self._in_flight = trio.Semaphore(self.limits.in_flight)
         self._ids = itertools.count(1)
         self._waiting: dict[int, _Pending] = {}
@@ -209,7 +211,7 @@ class LinkEndpoint:
 
     async def _receive_message(self) -> Message | None:
         while (message := self._connection.next_message()) is None:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await self._reader.receive_some(RECEIVE_SIZE)
             if not data:
                 return None
             self._connection.receive_data(data)
@@ -225,7 +227,10 @@ class LinkEndpoint:
                 pending.response = message
                 pending.done.set()
             case Request() if self._on_request is not None:
-                await self._in_flight.acquire()  # a flooding peer waits, unread
+                try:
+                    self._in_flight.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._in_flight.acquire()  # a flooding peer waits, unread
                 nursery.start_soon(self._serve_request, message)
             case _:
                 kind = type(message).__name__

@@ -18,6 +18,7 @@ from collections import deque
 import trio
 
 from ..errors import PeerError
+from .direct import send_now
 
 # Writes are joined up to this size: fewer system calls, and messages are never split.
 JOIN_UP_TO = 256 * 1024
@@ -62,7 +63,10 @@ class Outbox:
         if self._writing or self._queued or self._overflow:
             self.put(data)
             return
-        await self._write(data)
+        sent = send_now(self._stream, data)  # the common case: the kernel takes it whole
+        self.sent_bytes += sent
+        if sent < len(data):
+            await self._write(data[sent:])
 
     async def run(self) -> None:
         """The writer task: drains the queue until cancelled; PeerNotReading on overflow."""
