@@ -76,13 +76,18 @@ async def _watch_with_context(
                 )
             reported = await _wait_for_a_change(backend, contexts, groups, limiter)
             refresh = not reported
+            readers_changed = False
             for state in reported:
                 if state.reader == PNP_NOTIFICATION:
                     pnp = state
+                    readers_changed = bool(state.event_state & State.CHANGED)
                 else:
                     known[state.reader] = state
             for name in set(known) - set(names):
                 del known[name]
+            if not readers_changed and all(name in known for name in names):
+                # A card came or went: show it now, not after listing the readers again.
+                publish(tuple(_host_reader(known[name]) for name in names))
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_release, backend, contexts)
