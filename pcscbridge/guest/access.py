@@ -20,7 +20,10 @@ from ..transports.peers import peer_credentials
 
 log = logging.getLogger("pcscbridge.guest")
 
-REFUSAL_WAIT = 1.0  # seconds a refused client has to send its first request
+# Seconds a refused client has to send its first request; generous, so a slow client still
+# sees "Access denied" rather than "Service not available" (the connection counts against
+# --max-clients meanwhile).
+REFUSAL_WAIT = 5.0
 
 
 @dataclass(frozen=True)

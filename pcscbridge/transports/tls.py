@@ -186,7 +186,9 @@ async def _handshake(
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__ or exc
-        if isinstance(cause, ssl.SSLError):
+        # An EOF in the middle of the handshake is the peer hanging up, whichever side saw it
+        # first: one message for both ways it shows.
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
             reason = cause.reason or str(cause)
             raise TLSLinkError(f"TLS handshake ({which}) failed: {reason}") from None
         raise TLSLinkError(
