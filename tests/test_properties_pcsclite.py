@@ -44,7 +44,7 @@ from pcscbridge.pcsclite.readers import (
 )
 from pcscbridge.pcsclite.server import ProtocolViolation, ServerConnection
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 _FIELD = re.compile(r"(\d*)([a-zA-Z])")
 _INTEGERS = {
