@@ -336,6 +336,9 @@ class ClientSession:
             self.registry.remove_card(h_card)
             self.stats.error(exc.rv)
             return body._replace(rv=exc.rv)
+        except BaseException:
+            self.registry.remove_card(h_card)  # the client left while the host connected
+            raise
         self.cards[h_card] = CardHandle(h_card, reader, generation, body.share_mode)
         self.mirror.handle_opened(reader, protocol, body.share_mode)
         return body._replace(h_card=h_card, active_protocol=protocol, rv=0)
