@@ -29,7 +29,7 @@ from ..link.calls import (
     Status,
     Transmit,
 )
-from ..pcsc import MAX_BUFFER_SIZE, PCSCError, ReturnCode, Scope, rv_name
+from ..pcsc import MAX_BUFFER_SIZE, Disposition, PCSCError, ReturnCode, Scope, rv_name
 from ..pcsclite.messages import (
     AttribBody,
     CancelBody,
@@ -70,6 +70,10 @@ _CARD_COMMANDS = {
     Command.SCARD_GET_ATTRIB,
     Command.SCARD_SET_ATTRIB,
 }
+
+
+# Commands with a disposition, which pcscd checks before anything else.
+_DISPOSING = {Command.SCARD_DISCONNECT, Command.SCARD_END_TRANSACTION}
 
 
 class Host(Protocol):
@@ -372,6 +376,9 @@ class ClientSession:
         body: Any = request.body
         call = self.host.card_call
         h_card = handle.h_card
+        if request.command in _DISPOSING and body.disposition not in tuple(Disposition):
+            # pcscd's first check: the handle and its transaction stay as they are.
+            return self._failed(request, ReturnCode.SCARD_E_INVALID_VALUE)
         match request.command:
             case Command.SCARD_TRANSMIT:
                 response = await call(Transmit(h_card, body.send_pci_protocol, request.data))
