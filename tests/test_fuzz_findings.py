@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pcscbridge.pcsc import ReturnCode
+from pcscbridge.pcsclite.messages import Command, DispositionBody, encode_request, unpack_body
 from pcscbridge.testing.rawclient import RawClient
 from rig.bridge_processes import Bridge
 from rig.pcscd_rig import PcscdRig
@@ -52,3 +54,38 @@ def test_a_client_gone_during_a_connect_leaves_no_card_handle_in_the_guest(
             assert "Traceback" not in bridge.logs()
     finally:
         finish(host_app)
+
+
+def disconnect_with_a_bad_disposition(socket_path: str) -> list[int]:
+    """Connect, begin a transaction, SCardDisconnect with disposition 7 (not a disposition),
+    then end the transaction and disconnect properly: the return codes."""
+    with RawClient(socket_path) as client:
+        client.version()
+        client.establish()
+        h_card = client.connect(READER).h_card
+        codes = [client.begin_transaction(h_card).rv, client.disconnect(h_card, 7).rv]
+        end = encode_request(Command.SCARD_END_TRANSACTION, DispositionBody(h_card, 0, 0))
+        client.sock.settimeout(5)
+        client.send(end)
+        codes.append(unpack_body(DispositionBody, client.receive(12)).rv)
+        codes.append(client.disconnect(h_card).rv)
+        codes.append(client.release().rv)
+        return codes
+
+
+def test_a_disconnect_pcscd_refuses_leaves_the_handle_and_its_transaction_usable(
+    pcscd_rig: PcscdRig, tmp_path: Path
+) -> None:
+    """pcscd refuses SCardDisconnect with an unknown disposition (SCARD_E_INVALID_VALUE) and the
+    handle stays valid, with its transaction. The bridge forgot the handle anyway: the client's
+    next call on it was taken for another connection's handle (2 s, then closed), and the
+    transaction stayed held on the host, where a later connect of the same context to that
+    reader waited for ever (found by make fuzz: every client of the reader stalled)."""
+    direct = disconnect_with_a_bad_disposition(pcscd_rig.socket_path)
+    assert direct == [0, ReturnCode.SCARD_E_INVALID_VALUE, 0, 0, 0]
+    with Bridge(tmp_path, pcscd_rig.socket_path) as bridge:
+        bridge.start(expected_readers=pcscd_rig.reader_names)
+        assert disconnect_with_a_bad_disposition(bridge.socket_path) == direct
+        wait_until(
+            lambda: bridge.status("host")["service"]["host_contexts"] == 0, 10, "nothing held"
+        )
