@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         fuzz.add_argument("--workers", type=int, default=48, help="concurrent connections")
         fuzz.add_argument("--first-batch", type=int, default=0, help="replay from this batch")
         fuzz.add_argument("--batches", type=int, help="stop after this many batches")
+    soak = commands.add_parser("soak", help="64 clients while links are cut and cards move")
+    _common(soak)
+    soak.add_argument("--clients", type=int, default=64)
+    soak.add_argument("--processes", type=int, default=8, help="client processes")
+    soak.add_argument("--chaos-every", type=float, default=3.0, help="mean seconds per fault")
     return parser
 
 
@@ -58,8 +63,40 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"fuzzing the guest socket: seed {seed}", flush=True)
         figures = fuzz_guest.run(options)
+    elif args.command == "fuzz-link":
+        from . import fuzz_link
+        from .fuzz_guest import FuzzOptions
+
+        print(f"fuzzing the host's link: seed {seed}", flush=True)
+        figures = fuzz_link.run(
+            FuzzOptions(
+                cases=args.cases,
+                duration=args.duration,
+                batch_cases=args.batch,
+                workers=args.workers,
+                seed=seed,
+                first_batch=args.first_batch,
+                batches=args.batches,
+                folder=args.keep,
+                verbose=args.verbose,
+            )
+        )
     else:
-        raise SystemExit(f"{args.command}: not there yet")
+        from . import soak
+
+        print(f"chaos soak: seed {seed}", flush=True)
+        result = soak.run(
+            soak.SoakOptions(
+                duration=args.duration or 300,
+                clients=args.clients,
+                processes=args.processes,
+                seed=seed,
+                chaos_every=args.chaos_every,
+                folder=args.keep,
+            )
+        )
+        print(result.report(), flush=True)
+        return 0 if result.figures.ok else 1
     print(figures.report(), flush=True)
     return 0 if figures.ok else 1
 

@@ -766,7 +766,7 @@ class FuzzConnection:
         one = rng.choice(
             [self.table_op().data, encode_request(Command.CMD_VERSION, VersionBody(4, 4, 0))]
         )
-        count = rng.choice((20, 100, 400))
+        count = rng.choice((10, 50, 200))
         self.kinds["flood"] += count
         try:
             await self.wire.send(one * count)
