@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from .watch import Figures
 
@@ -38,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fuzz_options(args: argparse.Namespace, seed: int) -> Any:
+    from .fuzz_guest import FuzzOptions
+
+    return FuzzOptions(
+        cases=args.cases,
+        duration=args.duration,
+        batch_cases=args.batch,
+        workers=args.workers,
+        seed=seed,
+        first_batch=args.first_batch,
+        batches=args.batches,
+        folder=args.keep,
+        verbose=args.verbose,
+    )
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM too stops the processes and the rig it started
 
@@ -50,37 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fuzz-guest":
         from . import fuzz_guest
 
-        options = fuzz_guest.FuzzOptions(
-            cases=args.cases,
-            duration=args.duration,
-            batch_cases=args.batch,
-            workers=args.workers,
-            seed=seed,
-            first_batch=args.first_batch,
-            batches=args.batches,
-            folder=args.keep,
-            verbose=args.verbose,
-        )
         print(f"fuzzing the guest socket: seed {seed}", flush=True)
-        figures = fuzz_guest.run(options)
+        figures = fuzz_guest.run(_fuzz_options(args, seed))
     elif args.command == "fuzz-link":
         from . import fuzz_link
-        from .fuzz_guest import FuzzOptions
 
         print(f"fuzzing the host's link: seed {seed}", flush=True)
-        figures = fuzz_link.run(
-            FuzzOptions(
-                cases=args.cases,
-                duration=args.duration,
-                batch_cases=args.batch,
-                workers=args.workers,
-                seed=seed,
-                first_batch=args.first_batch,
-                batches=args.batches,
-                folder=args.keep,
-                verbose=args.verbose,
-            )
-        )
+        figures = fuzz_link.run(_fuzz_options(args, seed))
     else:
         from . import soak
 

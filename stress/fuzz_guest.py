@@ -15,7 +15,8 @@ import itertools
 import random
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,19 +57,26 @@ class FuzzOptions:
     verbose: bool = False
 
 
-def run(options: FuzzOptions) -> Figures:
-    figures = Figures("guest socket", options.seed)
+@contextmanager
+def rig_and_bridge(options: FuzzOptions) -> Iterator[tuple[PcscdRig, Bridge]]:
+    """The rig (the test card in CARD_SLOTS) and a Bridge not started yet; with --keep, the
+    logs (pcscd's with -d when verbose) stay in that folder."""
     keep = options.folder
     rig_options = (
         {"debug": options.verbose, "keep_dir": True, "base_dir": str(keep)} if keep else {}
     )
     with (
-        tempfile.TemporaryDirectory(prefix="fuzz-guest-") as scratch,
+        tempfile.TemporaryDirectory(prefix="stress-") as scratch,
         PcscdRig(2, **rig_options) as rig,  # type: ignore[arg-type]
     ):
         for slot in CARD_SLOTS:
             rig.insert_card(slot)
-        bridge = Bridge(Path(options.folder or scratch), rig.socket_path, verbose=False)
+        yield rig, Bridge(Path(keep or scratch), rig.socket_path, verbose=False)
+
+
+def run(options: FuzzOptions) -> Figures:
+    figures = Figures("guest socket", options.seed)
+    with rig_and_bridge(options) as (rig, bridge):
         try:
             bridge.start_guest(
                 ["--max-clients", "2000"], prefix=["prlimit", "--nofile=8192:8192", "--"]

@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-import tempfile
 import time
-from pathlib import Path
 
 import trio
 
@@ -34,7 +32,7 @@ from pcscbridge.transports.endpoints import unix_listener
 from rig.bridge_processes import Bridge
 from rig.pcscd_rig import PcscdRig
 
-from .fuzz_guest import CARD_SLOTS, SETTLE_TIMEOUT, FuzzOptions
+from .fuzz_guest import SETTLE_TIMEOUT, FuzzOptions, rig_and_bridge
 from .link_cases import (
     Handles,
     Hang,
@@ -63,17 +61,7 @@ SHARE_EXCLUSIVE = 1
 
 def run(options: FuzzOptions) -> Figures:
     figures = Figures("host link", options.seed)
-    keep = options.folder
-    rig_options = (
-        {"debug": options.verbose, "keep_dir": True, "base_dir": str(keep)} if keep else {}
-    )
-    with (
-        tempfile.TemporaryDirectory(prefix="fuzz-link-") as scratch,
-        PcscdRig(2, **rig_options) as rig,  # type: ignore[arg-type]
-    ):
-        for slot in CARD_SLOTS:
-            rig.insert_card(slot)
-        bridge = Bridge(Path(keep or scratch), rig.socket_path, verbose=False)
+    with rig_and_bridge(options) as (rig, bridge):
         listener_path = bridge.link.removeprefix("unix:")
         try:
             trio.run(_serve, options, figures, bridge, rig, listener_path)

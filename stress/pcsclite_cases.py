@@ -20,6 +20,7 @@ import trio
 from pcscbridge.pcsc import MAX_BUFFER_SIZE, ReturnCode
 from pcscbridge.pcsclite import dialect as dialects
 from pcscbridge.pcsclite.messages import (
+    BODY_OF_COMMAND,
     LAYOUTS,
     AttribBody,
     CancelBody,
@@ -615,24 +616,8 @@ class FuzzConnection:
         """A request of any command with random fields: the raw material of mutations."""
         rng = self.rng
         command = rng.choice(list(Command))
-        layout_type = {
-            Command.SCARD_ESTABLISH_CONTEXT: EstablishBody,
-            Command.SCARD_RELEASE_CONTEXT: ReleaseBody,
-            Command.SCARD_CONNECT: ConnectBody,
-            Command.SCARD_RECONNECT: ReconnectBody,
-            Command.SCARD_DISCONNECT: DispositionBody,
-            Command.SCARD_BEGIN_TRANSACTION: CardBody,
-            Command.SCARD_END_TRANSACTION: DispositionBody,
-            Command.SCARD_TRANSMIT: TransmitBody,
-            Command.SCARD_CONTROL: ControlBody,
-            Command.SCARD_STATUS: CardBody,
-            Command.SCARD_CANCEL: CancelBody,
-            Command.SCARD_GET_ATTRIB: AttribBody,
-            Command.SCARD_SET_ATTRIB: AttribBody,
-            Command.CMD_VERSION: VersionBody,
-            Command.CMD_WAIT_READER_STATE_CHANGE: WaitBody,
-            Command.CMD_STOP_WAITING_READER_STATE_CHANGE: WaitBody,
-        }.get(command, Empty)
+        # WAIT and STOP in their 8-byte form: the other one is empty.
+        layout_type = WaitBody if command in _WAITS else BODY_OF_COMMAND.get(command, Empty)
         handles = [*self.handles, *list(self.shared.cards)[:50], rng.randrange(1 << 31)]
         fields: list[Any] = []
         for value in _zero_fields(layout_type):
@@ -774,6 +759,9 @@ class FuzzConnection:
                 await self.wire.drain(rng.random() * 0.2)
         except Closed:
             pass
+
+
+_WAITS = (Command.CMD_WAIT_READER_STATE_CHANGE, Command.CMD_STOP_WAITING_READER_STATE_CHANGE)
 
 
 def random_protocols(rng: random.Random) -> int:
