@@ -224,8 +224,10 @@ class VirtualContext:
         rng = self.rng
         return rng.choice(
             [
-                # Not RAW (4): a raw transmit left the rig's vpcd reader waiting for ever.
-                lambda: Transmit(h_card, rng.choice((2, 2, 1, 0, 3)), random_apdu(rng)),
+                # Neither RAW (4) nor T=0 (1): a random APDU sent so left the rig's vpcd reader
+                # waiting for ever (a malformed T=0 case 3 APDU of 7 bytes, once the card had
+                # been negotiated to T=0); other protocol numbers are refused at once.
+                lambda: Transmit(h_card, rng.choice((2, 2, 2, 0, 3)), random_apdu(rng)),
                 lambda: Status(h_card),
                 lambda: Control(h_card, rng.choice((0x42000D48, rng.randrange(1 << 32))), b""),
                 lambda: GetAttrib(h_card, rng.choice((0x90303, 0x10100, rng.randrange(1 << 32)))),
