@@ -74,3 +74,16 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist
+
+# Long adversarial runs on the real rig (not in make test; figures in README "Robustness").
+# make fuzz FUZZ_ARGS="--cases 100000 --seed 7"; make soak SOAK_ARGS="--duration 600"
+.PHONY: fuzz soak
+FUZZ_ARGS ?=
+SOAK_ARGS ?= --duration 300
+
+fuzz: venv
+	$(VENV)/bin/python -m stress fuzz-guest $(FUZZ_ARGS)
+	$(VENV)/bin/python -m stress fuzz-link $(FUZZ_ARGS)
+
+soak: venv
+	$(VENV)/bin/python -m stress soak $(SOAK_ARGS)

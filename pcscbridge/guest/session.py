@@ -29,7 +29,7 @@ from ..link.calls import (
     Status,
     Transmit,
 )
-from ..pcsc import MAX_BUFFER_SIZE, PCSCError, ReturnCode, Scope, rv_name
+from ..pcsc import MAX_BUFFER_SIZE, Disposition, PCSCError, ReturnCode, Scope, rv_name
 from ..pcsclite.messages import (
     CancelBody,
     Command,
@@ -85,6 +85,9 @@ _ANSWERED_HERE = frozenset(
         Command.SCARD_CANCEL,
     }
 )
+
+# Commands with a disposition, which pcscd checks before anything else.
+_DISPOSING = {Command.SCARD_DISCONNECT, Command.SCARD_END_TRANSACTION}
 
 
 class Host(Protocol):
@@ -386,6 +389,9 @@ class ClientSession:
             if isinstance(exc.result, int):
                 failed = failed._replace(active_protocol=exc.result)
             return failed._replace(rv=exc.rv)
+        except BaseException:
+            self.registry.remove_card(h_card)  # the client left while the host connected
+            raise
         self.cards[h_card] = CardHandle(h_card, reader, generation, body.share_mode)
         self.mirror.handle_opened(reader, protocol, body.share_mode)
         return body._replace(h_card=h_card, active_protocol=protocol, rv=0)
@@ -430,6 +436,9 @@ class ClientSession:
         body: Any = request.body
         call = self.host.card_call
         h_card = handle.h_card
+        if request.command in _DISPOSING and body.disposition not in tuple(Disposition):
+            # pcscd's first check: the handle and its transaction stay as they are.
+            return self._failed(request, ReturnCode.SCARD_E_INVALID_VALUE)
         match request.command:
             case Command.SCARD_TRANSMIT:
                 response = await call(Transmit(h_card, body.send_pci_protocol, request.data))

@@ -18,7 +18,7 @@ import msgpack
 
 from ..errors import PeerError
 from ..pcsclite.readers import ReaderEntry
-from .calls import Call, InvalidCall, decode_call
+from .calls import U32_MAX, Call, InvalidCall, decode_call
 
 LINK_PROTOCOL = 1
 DEFAULT_MAX_MESSAGE = 1 << 20  # 64 KiB APDUs and 16+ reader tables fit with room to spare
@@ -179,8 +179,16 @@ def decode_readers(push: Push) -> list[ReaderEntry]:
         name, event_counter, state, sharing, atr, protocol = item
         if not isinstance(name, str) or not isinstance(atr, bytes):
             raise LinkProtocolError("a reader row's name must be str and its ATR bytes")
-        if not all(_is_int(v) for v in (event_counter, state, sharing, protocol)):
-            raise LinkProtocolError("a reader row's counter, state, sharing and protocol are ints")
+        if not (
+            all(_is_int(v) and 0 <= v <= U32_MAX for v in (event_counter, state, protocol))
+            and _is_int(sharing)
+            and -(2**31) <= sharing < 2**31
+        ):
+            # Checked here: a row pcscd's table cannot hold would fail every client reading it.
+            raise LinkProtocolError(
+                "a reader row's counter, state and protocol are 32-bit unsigned ints, its "
+                "sharing a 32-bit signed int"
+            )
         entries.append(ReaderEntry(name, event_counter, state, sharing, atr, protocol))
     return entries
 
