@@ -38,6 +38,7 @@ CARD_SLOTS = (0, 2)
 FD_SLACK = 4  # descriptors that may come and go (the status socket's last connection, ...)
 THREAD_SLACK = 4
 RSS_SLACK_KIB = 32 * 1024
+EMPTY_ANSWER = "transmit:empty answer (vpcd, card left mid-APDU)"
 
 
 @dataclass
@@ -216,6 +217,7 @@ def _collect(result: SoakResult, clients: list[subprocess.Popen[str]], duration:
         summary = json.loads(lines[-1])
         result.operations += summary["ops"]
         figures.cases += summary["ops"]
+        codes[EMPTY_ANSWER] = codes.get(EMPTY_ANSWER, 0) + summary["empty_answers"]
         for code, count in summary["codes"].items():
             codes[code] = codes.get(code, 0) + count
         if summary["wrong_count"]:
