@@ -95,11 +95,6 @@ def test_a_disconnect_pcscd_refuses_leaves_the_handle_and_its_transaction_usable
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: HostSession clears in_transaction when SCardEndTransaction fails "
-    "(host/service.py, left to the lead); remove this mark with the fix",
-)
 async def test_a_failed_end_of_transaction_does_not_leave_the_reader_locked_after_the_link(
     pcscd_rig: PcscdRig, tmp_path: Path
 ) -> None:

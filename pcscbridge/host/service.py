@@ -59,6 +59,12 @@ SERVICE_GONE = frozenset(
 WATCHER_THREADS = 64  # the watcher's waits: one per group of 16 readers, plus cancels
 RELEASE_GRACE = 2.0  # seconds a stopping service waits for queued releases
 
+# An SCardEndTransaction failing so leaves no transaction behind: the handle died with it.
+TRANSACTION_GONE = SERVICE_GONE | {
+    ReturnCode.SCARD_E_INVALID_HANDLE,
+    ReturnCode.SCARD_E_READER_UNAVAILABLE,
+}
+
 
 class Session(Protocol):
     """One guest's use of the host's PC/SC: what front-ends call and checkpoints wrap."""
@@ -282,8 +288,14 @@ class HostSession:
                 card = self._card(h_card)
                 try:
                     await self._on_card(h_card, self._backend.end_transaction, disposition)
-                finally:
-                    card.in_transaction = False  # also when it failed: removed, reset, ...
+                except PCSCError as exc:
+                    # pcscd keeps the transaction when the end fails (a bad disposition, a
+                    # reset or removed card: it is ended by a later end or the disconnect),
+                    # unless the handle itself is gone with its reader or the service.
+                    if exc.rv in TRANSACTION_GONE:
+                        card.in_transaction = False
+                    raise
+                card.in_transaction = False
                 return None
             case Status(h_card):
                 await self._on_card(h_card, self._backend.status)
