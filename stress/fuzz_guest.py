@@ -62,6 +62,8 @@ def rig_and_bridge(options: FuzzOptions) -> Iterator[tuple[PcscdRig, Bridge]]:
     """The rig (the test card in CARD_SLOTS) and a Bridge not started yet; with --keep, the
     logs (pcscd's with -d when verbose) stay in that folder."""
     keep = options.folder
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
     rig_options = (
         {"debug": options.verbose, "keep_dir": True, "base_dir": str(keep)} if keep else {}
     )
