@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import struct
 from typing import Any
 
@@ -26,6 +25,7 @@ from pcscbridge.link.protocol import (
     readers_push,
 )
 from pcscbridge.pcsclite.readers import ReaderEntry, encode_table
+from pcscbridge.testing.streams import pieces
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -71,9 +71,8 @@ def frame(payload: bytes) -> bytes:
 def received(data: bytes, cuts: list[int], max_size: int = DEFAULT_MAX_MESSAGE) -> list[Message]:
     conn = LinkConnection(max_size)
     messages = []
-    edges = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
-    for start, end in itertools.pairwise(edges):
-        conn.receive_data(data[start:end])
+    for piece in pieces(data, cuts):
+        conn.receive_data(piece)
         while (message := conn.next_message()) is not None:
             messages.append(message)
     return messages

@@ -7,7 +7,6 @@ codec's (pcscbridge/vscard/) in test_properties_vscard.py. The live fuzzers are 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import re
 import struct
 from typing import Any, NamedTuple
@@ -43,6 +42,7 @@ from pcscbridge.pcsclite.readers import (
     legacy_view,
 )
 from pcscbridge.pcsclite.server import ProtocolViolation, ServerConnection
+from pcscbridge.testing.streams import pieces
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -81,9 +81,8 @@ def trailer_for(body: NamedTuple) -> bytes:
 def parse_all(data: bytes, conn: ServerConnection, cuts: list[int]) -> list[Any]:
     """Every request in `data`, fed to `conn` in pieces cut at `cuts`."""
     requests = []
-    edges = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
-    for start, end in itertools.pairwise(edges):
-        conn.receive_data(data[start:end])
+    for piece in pieces(data, cuts):
+        conn.receive_data(piece)
         while (request := conn.next_request()) is not None:
             requests.append(request)
     return requests
