@@ -43,6 +43,7 @@ class BridgeProcess:
         """`prefix`: a command the process runs under (e.g. `prlimit --nofile=64 --`);
         `program`: what runs instead of `python -m pcscbridge`."""
         self.name = name
+        self.ended_on_purpose = False  # stopped or killed by the test, not crashed
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
@@ -73,6 +74,7 @@ class BridgeProcess:
         return self.process.poll() is None
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 5.0) -> int:
+        self.ended_on_purpose = True
         if self.alive():
             self.process.send_signal(sig)
             try:
@@ -85,6 +87,7 @@ class BridgeProcess:
 
     def kill(self) -> None:
         """Die abruptly (SIGKILL), as a crashed or cut-off process would."""
+        self.ended_on_purpose = True
         if self.alive():
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
@@ -186,11 +189,13 @@ class Bridge:
             return [entry.name for entry in client.readers_state() if entry is not None]
 
     def wait_for_readers(self, expected: list[str], timeout: float = 15) -> None:
-        """Until the guest serves exactly these readers (polled: the host pushes them)."""
+        """Until the guest serves exactly these readers (polled: the host pushes them); fails
+        early if the guest, or a host the test did not end itself, dies meanwhile."""
         _wait_for(
             lambda: sorted(self.guest_readers()) == sorted(expected),
             timeout,
             f"guest readers {expected}",
+            self.guest,
             self.host,
         )
 
@@ -215,14 +220,16 @@ def _wait_for(
     condition: Callable[[], object],
     timeout: float,
     what: str,
-    process: BridgeProcess | None,
+    *processes: BridgeProcess | None,
 ) -> None:
-    """Poll ``condition`` (OSError counts as false) while ``process`` lives; BridgeError with
-    the process's log when it dies or the time is up."""
+    """Poll ``condition`` (OSError counts as false) while ``processes`` live (one the test
+    ended itself excepted); BridgeError with the logs when one dies or the time is up."""
+    watched = [p for p in processes if p is not None]
 
     def check_alive() -> None:
-        if process is not None and not process.alive():
-            raise BridgeError(f"{process.name} exited while waiting for {what}:\n{process.log}")
+        for process in watched:
+            if not process.alive() and not process.ended_on_purpose:
+                raise BridgeError(f"{process.name} exited while waiting for {what}:\n{process.log}")
 
     try:
         wait_until(
@@ -235,7 +242,7 @@ def _wait_for(
             give_up=check_alive,
         )
     except TimeoutError:
-        log = process.log if process is not None else ""
+        log = "\n".join(process.log for process in watched)
         raise BridgeError(f"timed out after {timeout}s waiting for {what}\n{log}") from None
 
 

@@ -5,13 +5,17 @@ A refused client is treated as pcscd treats one that polkit refuses ("Rejected u
 PC/SC client" in pcscd's log): its connection is closed without a byte read or written. pcscd
 closes after asking polkit, by when the client has sent its first request, and libpcsclite then
 reports SCARD_W_SECURITY_VIOLATION ("Access denied"); `refuse` likewise waits (briefly) for the
-client's first bytes before closing, or the client would see SCARD_E_NO_SERVICE instead. The
+client's whole first request before closing. libpcsclite writes a request's header and body
+separately: closed in between, its second write fails and it says SCARD_E_NO_SERVICE. The
 socket's own mode and group (--socket-mode, --socket-group) decide who can connect at all.
 """
 
 from __future__ import annotations
 
 import logging
+import select
+import socket
+import struct
 from dataclasses import dataclass
 
 import trio
@@ -24,6 +28,9 @@ log = logging.getLogger("pcscbridge.guest")
 # sees "Access denied" rather than "Service not available" (the connection counts against
 # --max-clients meanwhile).
 REFUSAL_WAIT = 5.0
+# A request's header: its body's size and its command, native-endian 32-bit words.
+_HEADER = struct.Struct("=II")
+_LARGEST_FIRST_REQUEST = 4096  # a first request is CMD_VERSION (12 bytes) or a short one
 
 
 @dataclass(frozen=True)
@@ -52,10 +59,33 @@ class ClientGate:
 
 
 async def refuse(stream: trio.abc.Stream) -> None:
-    """Close a refused client's connection once it has sent something (or after
-    REFUSAL_WAIT), never reading it."""
+    """Close a refused client's connection once its first request is all there (or after
+    REFUSAL_WAIT), never reading it: only peeking at how much has arrived."""
     sock = getattr(stream, "socket", None)
     if sock is not None:
         with trio.move_on_after(REFUSAL_WAIT):
-            await trio.lowlevel.wait_readable(sock)
+            try:
+                while not _whole_request(
+                    await sock.recv(_LARGEST_FIRST_REQUEST, socket.MSG_PEEK)
+                ) and not _hung_up(sock.fileno()):
+                    await trio.sleep(0.005)  # the body follows the header in a second write
+            except OSError:
+                pass  # it hung up already
     await trio.aclose_forcefully(stream)
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the client shut its end (what is left unread then never completes)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
+def _whole_request(pending: bytes) -> bool:
+    """Whether these first bytes hold a whole request (or none: the client hung up)."""
+    if not pending:
+        return True
+    if len(pending) < _HEADER.size:
+        return False
+    body_size, _command = _HEADER.unpack_from(pending)
+    return len(pending) >= min(_HEADER.size + body_size, _LARGEST_FIRST_REQUEST)
