@@ -197,7 +197,7 @@ def host_leftovers(document: dict[str, Any]) -> dict[str, Any]:
         "card_handles": service["card_handles"],
         "transactions_held": service["transactions_held"],
         "context_threads": service["context_threads"],
-        "release_threads": service["release_threads"],
+        "wait_enders": service["wait_enders"],
         "calls_in_flight": service["calls"]["in_flight"],
     }
     return {name: value for name, value in values.items() if value}

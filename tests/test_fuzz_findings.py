@@ -8,16 +8,24 @@ from pathlib import Path
 import pytest
 import trio
 
-from pcscbridge.link.calls import BeginTransaction, Connect, EndTransaction
+from pcscbridge.link.calls import (
+    BeginTransaction,
+    Connect,
+    EndTransaction,
+    ReleaseContext,
+    Transmit,
+)
+from pcscbridge.link.protocol import Response
 from pcscbridge.pcsc import ReturnCode
 from pcscbridge.pcsclite.messages import Command, DispositionBody, encode_request, unpack_body
+from pcscbridge.status import read_status
 from pcscbridge.testing.rawclient import RawClient
 from rig.bridge_processes import Bridge
 from rig.host_peer import host_process_peer
 from rig.pcscd_rig import PcscdRig
 from rig.processes import expect_line, finish, spawn_program
 from rig.service import wait_until
-from stress.watch import raw_echo
+from stress.watch import echo_apdu, raw_echo
 
 READER = "Virtual PCD 00 00"
 
@@ -118,3 +126,76 @@ async def test_a_failed_end_of_transaction_does_not_leave_the_reader_locked_afte
     )
     assert taken is None, taken
     assert "Traceback" not in host.log
+
+
+async def test_a_context_released_with_calls_queued_on_it_leaves_the_host_working(
+    pcscd_rig: PcscdRig, tmp_path: Path
+) -> None:
+    """libpcsclite's SCardReleaseContext unlocks the context, then frees it. The host released
+    from a thread of its own while the context's thread went on with the calls queued there:
+    that thread then used freed memory. The host died of SIGSEGV once in 522,000 fuzz cases;
+    with transmits queued behind a release, as here, it hung in SCardTransmit within a few
+    rounds. Every call of a context, its release included, now runs on the context's thread."""
+    echo = echo_apdu(b"x" * 200)
+    async with host_process_peer(pcscd_rig.socket_path, tmp_path / "host") as (peer, host):
+        for round_ in range(200):
+            h_context, h_card = 1000 + round_, 5000 + round_
+            await peer.ok(Connect(h_context, h_card, READER, 2, 2))
+            answers: list[Response] = []
+
+            async def transmit(h_card: int = h_card, answers: list[Response] = answers) -> None:
+                answers.append(await peer.call(Transmit(h_card, 2, echo)))
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(4):
+                        nursery.start_soon(transmit)
+                    await trio.sleep(0.001 * (round_ % 7))  # released at any point of them
+                    assert (await peer.call(ReleaseContext(h_context))).rv == 0
+            for answer in answers:
+                # Each transmit ran whole, before the release, or found its handle gone.
+                assert answer.rv in (0, ReturnCode.SCARD_E_INVALID_HANDLE), answer
+                assert answer.rv or answer.result == [b"x" * 200 + b"\x90\x00"], answer
+            assert host.alive(), host.log
+    assert "Fatal Python error" not in host.log and "Traceback" not in host.log
+    taken = await trio.to_thread.run_sync(
+        lambda: raw_echo(pcscd_rig.socket_path, READER, "host app after the releases", 2)
+    )
+    assert taken is None, taken
+
+
+async def test_a_begin_transaction_waiting_for_another_application_ends_with_its_context(
+    pcscd_rig: PcscdRig, tmp_path: Path
+) -> None:
+    """libpcsclite retries SCardBeginTransaction every 100 ms while another application holds
+    the reader's transaction. When the guest lets the context go, the host ends that wait (it
+    disconnects the card between two retries) and releases the context on its own thread,
+    without waiting for the other application."""
+    status = str(tmp_path / "host.status")
+    extra = ["--status-socket", status]
+    async with host_process_peer(pcscd_rig.socket_path, tmp_path / "host", extra) as (peer, host):
+        await peer.ok(Connect(1, 11, READER, 2, 3))  # pcscd holds connects during a transaction
+        host_app = spawn_program(["hold-transaction", READER], pcscd_rig.socket_path)
+        try:
+            await trio.to_thread.run_sync(expect_line, host_app, "LOCKED")
+            async with trio.open_nursery() as nursery:
+                begun: list[Response] = []
+
+                async def begin() -> None:
+                    begun.append(await peer.call(BeginTransaction(11)))
+
+                nursery.start_soon(begin)
+                await trio.sleep(0.5)
+                assert not begun, "the begin did not wait for the other application"
+                assert (await peer.call(ReleaseContext(1))).rv == 0
+                with trio.fail_after(5):
+                    while read_status(status)["service"]["context_threads"]:
+                        await trio.sleep(0.05)
+            assert begun[0].rv == ReturnCode.SCARD_E_INVALID_HANDLE, begun
+        finally:
+            finish(host_app)
+        assert host.alive(), host.log
+    taken = await trio.to_thread.run_sync(
+        lambda: raw_echo(pcscd_rig.socket_path, READER, "host app after the wait", 2)
+    )
+    assert taken is None, taken

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -39,7 +40,7 @@ from ..link.calls import (
     Status,
     Transmit,
 )
-from ..pcsc import PCSCError, ReturnCode
+from ..pcsc import Disposition, PCSCError, ReturnCode
 from ..stats import CallStats
 from .backend import Backend, Card, Context
 from .readers import ReaderBoard, ReaderSnapshot
@@ -94,42 +95,72 @@ class Service(Protocol):
 
 @dataclass(eq=False)
 class HostContext:
-    """The host PC/SC context behind one guest context, and the thread that runs its calls."""
+    """The host PC/SC context behind one guest context, and the thread that runs its calls.
+
+    Every call on the context, its release included, runs on that one thread: libpcsclite's
+    SCardReleaseContext frees the context after unlocking it, so a call another thread had
+    started on it meanwhile goes on with freed memory (the host hung in SCardTransmit, or died
+    of SIGSEGV). The one call made from another thread is `end_wait`, and only while the
+    context's thread is between SCardBeginTransaction's retries, where it holds nothing.
+    """
 
     worker: ContextWorker
     context: Context | None = None  # established by the first call that needs it
     cards: set[int] = field(default_factory=set)
-    # Establishing and releasing happen in different threads: a release may not wait for a
-    # call blocked on the context's own thread (that is what ends such a call).
+    released: bool = False  # set by the service when the guest lets the context go
+    # The card whose SCardBeginTransaction runs on the context's thread now; the lock keeps
+    # that thread from moving on while `end_wait` disconnects it.
+    waiting_card: Card | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    released: bool = False
 
     def establish(self, backend: Backend) -> Context:
-        """In a worker thread: the host context, established on first use."""
-        with self.lock:
-            if self.released:
-                raise PCSCError(ReturnCode.SCARD_E_INVALID_HANDLE, "context released")
-            if self.context is None:
-                self.context = backend.establish_context()
-            return self.context
+        """On the context's thread: the host context, established on first use."""
+        if self.released:
+            raise PCSCError(ReturnCode.SCARD_E_INVALID_HANDLE, "context released")
+        if self.context is None:
+            self.context = backend.establish_context()
+        return self.context
 
     def renew(self, backend: Backend, dead: Context) -> Context:
-        """In the worker thread: replace a host context the host's PC/SC service forgot (it
+        """On the context's thread: replace a host context the host's PC/SC service forgot (it
         restarted) with a fresh one; the guest's context lives on."""
+        if self.released:
+            raise PCSCError(ReturnCode.SCARD_E_INVALID_HANDLE, "context released")
+        if self.context is dead:
+            self.context = backend.establish_context()
+        with contextlib.suppress(PCSCError):
+            backend.release_context(dead)
+        return self.context
+
+    def begin_transaction(self, backend: Backend, card: Card) -> None:
+        """On the context's thread: SCardBeginTransaction, which libpcsclite retries every
+        100 ms for as long as another application holds the reader's transaction."""
         with self.lock:
             if self.released:
                 raise PCSCError(ReturnCode.SCARD_E_INVALID_HANDLE, "context released")
-            if self.context is dead:
-                self.context = backend.establish_context()
-            with contextlib.suppress(PCSCError):
-                backend.release_context(dead)
-            return self.context
+            self.waiting_card = card
+        try:
+            backend.begin_transaction(card)
+        finally:
+            with self.lock:
+                self.waiting_card = None
+
+    def end_wait(self, backend: Backend) -> None:
+        """From a thread of its own, once released: end a BeginTransaction still waiting for
+        another application by disconnecting its card (LEAVE_CARD: pcscd does not wait for the
+        other transaction then). libpcsclite's next retry finds no handle and gives up; the
+        context's thread then goes on to the release."""
+        with self.lock:
+            if self.waiting_card is None:
+                return
+            try:
+                backend.disconnect(self.waiting_card, Disposition.LEAVE_CARD)
+            except PCSCError as exc:
+                log.debug("disconnect to end a wait: %s", exc)
 
     def release(self, backend: Backend) -> None:
-        """In any thread, any number of times: the host context is released once."""
-        with self.lock:
-            self.released = True
-            context, self.context = self.context, None
+        """On the context's thread, after the calls queued before it."""
+        context, self.context = self.context, None
         if context is not None:
             try:
                 backend.release_context(context)
@@ -166,7 +197,7 @@ class HostService:
         self.sessions: set[HostSession] = set()
         self.calls = CallStats()
         self._workers: set[ContextWorker] = set()
-        self._releasers: set[threading.Thread] = set()
+        self._wait_enders: set[threading.Thread] = set()
         self._worker_names = itertools.count(1)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -189,7 +220,7 @@ class HostService:
             "card_handles": sum(session.card_count for session in self.sessions),
             "transactions_held": sum(session.transactions for session in self.sessions),
             "context_threads": sum(worker.alive for worker in self._workers),
-            "release_threads": sum(thread.is_alive() for thread in self._releasers),
+            "wait_enders": sum(thread.is_alive() for thread in self._wait_enders),
             "readers": len(self.readers.snapshot.readers),
             "limits": vars(self.limits),
             "calls": self.calls.snapshot(),
@@ -201,16 +232,19 @@ class HostService:
         self._workers.add(worker)
         return worker
 
-    def release_now(self, context: HostContext) -> None:
-        """Release a host context in a thread of its own, not behind a call blocked on the
-        context's thread: releasing is what ends a wait for another application's transaction
-        (libpcsclite frees the context between its retries)."""
-        self._releasers = {thread for thread in self._releasers if thread.is_alive()}
-        thread = threading.Thread(
-            target=context.release, args=(self.backend,), name="pcsc-release", daemon=True
-        )
-        self._releasers.add(thread)
-        thread.start()
+    def release(self, context: HostContext) -> None:
+        """Release a host context the guest let go: on its own thread, after the calls queued
+        there; a BeginTransaction waiting there for another application is ended first."""
+        context.released = True  # before reading waiting_card: see HostContext.begin_transaction
+        if context.waiting_card is not None:
+            self._wait_enders = {thread for thread in self._wait_enders if thread.is_alive()}
+            thread = threading.Thread(
+                target=context.end_wait, args=(self.backend,), name="pcsc-end-wait", daemon=True
+            )
+            self._wait_enders.add(thread)
+            thread.start()
+        context.worker.submit(context.release, self.backend)
+        context.worker.close()  # the thread ends after the release
 
     async def aclose(self) -> None:
         """Every worker ends after its queued calls (releases, mostly); wait a little for them.
@@ -219,7 +253,7 @@ class HostService:
         for worker in workers:
             worker.close()
         threads = [worker.join for worker in workers]
-        threads += [thread.join for thread in self._releasers if thread.is_alive()]
+        threads += [thread.join for thread in self._wait_enders if thread.is_alive()]
         if threads:
             await trio.to_thread.run_sync(_join_all, threads, RELEASE_GRACE)
 
@@ -281,8 +315,10 @@ class HostSession:
             case Transmit(h_card, protocol, command):
                 return await self._on_card(h_card, self._backend.transmit, protocol, command)
             case BeginTransaction(h_card):
-                await self._on_card(h_card, self._backend.begin_transaction)
-                self._cards[h_card].in_transaction = True
+                card = self._card(h_card)
+                begin = partial(self._contexts[card.h_context].begin_transaction, self._backend)
+                await self._on_card(h_card, begin)
+                card.in_transaction = True
                 return None
             case EndTransaction(h_card, disposition):
                 card = self._card(h_card)
@@ -433,10 +469,7 @@ class HostSession:
     def _release(self, h_context: int) -> None:
         """Releasing the PC/SC context makes the host's stack do what pcscd does for a client
         that goes away: handles are left as they are, but a transaction still held ends with a
-        card reset. Nobody waits for it: it runs at once in a thread of its own, not behind a
-        call under way on the context's thread (releasing is what ends a wait for another
-        application's transaction), and again on that thread after the calls queued there (a
-        connect under way may establish the context first); the second one finds it done."""
+        card reset. Nobody waits for it."""
         context = self._contexts.pop(h_context, None)
         if context is None:
             return
@@ -444,6 +477,4 @@ class HostSession:
         for h_card in context.cards:
             self._cards.pop(h_card, None)
         context.cards.clear()
-        self._service.release_now(context)
-        context.worker.submit(context.release, self._backend)
-        context.worker.close()  # the thread ends after the release
+        self._service.release(context)

@@ -7,8 +7,8 @@ transaction held by another application) blocks only its own context's thread.
 Cancellation: a trio task waiting for a call can always be cancelled at once. A call that has
 not started yet is then skipped; one already running in the thread cannot be interrupted, so
 its result is dropped when it comes. Whatever it left behind (a handle, a transaction) belongs
-to the context, and releasing the context ends it (host/service.py releases from another
-thread, which also ends a call waiting for another application's transaction).
+to the context, and the context's release, queued behind it on the same thread, ends it
+(host/service.py; it also ends a BeginTransaction waiting for another application).
 """
 
 from __future__ import annotations
