@@ -81,7 +81,8 @@ class LinkDriver:
             raise LinkClosedByHost(str(exc)) from None
 
     async def read_loop(self) -> None:
-        """Responses to their callers; the host's pushes checked; anything else is wrong."""
+        """Responses to their callers; the host's pushes checked, its pings answered; anything
+        else is wrong."""
         connection = LinkConnection()
         try:
             while not self.reading.is_set() and (data := await self.stream.receive_some(65536)):
@@ -94,6 +95,9 @@ class LinkDriver:
                             waiter[0].set()
                     elif isinstance(message, Push):
                         decode_readers(message)
+                    elif isinstance(message, Request) and isinstance(message.call, Ping):
+                        # The host's keepalive (every 5 s): answered as a guest does.
+                        await self.send(encode(Response(message.id, 0)))
                     elif not isinstance(message, Hello):
                         raise WrongAnswer(f"the host sent {message!r}")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
