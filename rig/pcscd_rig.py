@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -59,6 +60,14 @@ VPCD_DRIVER = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
 PCSCD = "/usr/sbin/pcscd"
 SYSTEM_IPC_DIR = "/run/pcscd"
 MAX_VPCD_ENTRIES = 8  # pcscd 1.9.9 serves at most 16 readers
+# vpcd 3.3 can lose a card connected right after a removal: its presence poll accepts the new
+# connection while a transmit that failed on the old card drops the slot's socket number
+# without closing it (no lock covers either). pcscd then shows the slot empty for ever, the
+# card's connection open (seen in make test's soak). A card not shown within this many
+# seconds is plugged in again; pcscd polls every 400 ms.
+VPCD_REPLUG_AFTER = 3.0
+
+log = logging.getLogger("rig")
 
 
 class RigError(RuntimeError):
@@ -296,8 +305,22 @@ class PcscdRig(Service):
         vpcd_card = VpcdCard(self.slots[index].port, card or SimulatedCard(label=f"slot{index}"))
         vpcd_card.insert()
         self.cards[index] = vpcd_card
-        if wait:
-            self.wait_for_reader_state(self.slots[index].reader, present=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while wait:
+            remaining = deadline - time.monotonic()
+            try:
+                self.wait_for_reader_state(
+                    self.slots[index].reader,
+                    present=True,
+                    timeout=max(min(VPCD_REPLUG_AFTER, remaining), 0),
+                )
+                break
+            except TimeoutError:
+                if remaining <= VPCD_REPLUG_AFTER:
+                    raise
+                log.warning("%s: vpcd lost the card; plugging it in again", vpcd_card)
+                vpcd_card.remove()  # see VPCD_REPLUG_AFTER
+                vpcd_card.insert()
         return vpcd_card
 
     def remove_card(self, slot: int | str, *, wait: bool = True, timeout: float = 5.0) -> None:
