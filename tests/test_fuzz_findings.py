@@ -199,3 +199,43 @@ async def test_a_begin_transaction_waiting_for_another_application_ends_with_its
         lambda: raw_echo(pcscd_rig.socket_path, READER, "host app after the wait", 2)
     )
     assert taken is None, taken
+
+
+async def test_contexts_released_while_pcscd_holds_their_connect_still_count_against_the_cap(
+    pcscd_rig: PcscdRig, tmp_path: Path
+) -> None:
+    """pcscd holds an SCardConnect while another application holds the reader's transaction,
+    and nothing ends it early: a context released meanwhile keeps its host thread, its host
+    context and its pcscd connection until the connect returns. They were no longer counted,
+    so a guest that connected and released in a loop opened pcscd connections without bound
+    and could take all 200 from the host's own applications."""
+    extra = ["--max-host-contexts", "4"]
+    async with host_process_peer(pcscd_rig.socket_path, tmp_path / "host", extra) as (peer, host):
+        host_app = spawn_program(["hold-transaction", READER], pcscd_rig.socket_path)
+        try:
+            await trio.to_thread.run_sync(expect_line, host_app, "LOCKED")
+            async with trio.open_nursery() as nursery:
+                held: list[Response] = []
+
+                async def connect(h_context: int) -> None:
+                    held.append(await peer.call(Connect(h_context, h_context + 100, READER, 2, 3)))
+
+                for h_context in range(1, 5):
+                    nursery.start_soon(connect, h_context)
+                    await trio.sleep(0.2)  # now waiting in pcscd
+                    assert (await peer.call(ReleaseContext(h_context))).rv == 0
+                with trio.fail_after(5):  # not held in pcscd: refused at once
+                    refused = await peer.call(Connect(5, 105, READER, 2, 3))
+                assert refused.rv == ReturnCode.SCARD_E_NO_MEMORY, refused
+                assert not held, "pcscd let a connect through during the transaction"
+                host_app.stdin.write("\n")  # type: ignore[union-attr]
+                host_app.stdin.flush()  # type: ignore[union-attr]
+                await trio.to_thread.run_sync(expect_line, host_app, "UNLOCKED")
+            # The held connects returned and their contexts were released: room again.
+            with trio.fail_after(10):
+                while (again := await peer.call(Connect(6, 106, READER, 2, 3))).rv:
+                    assert again.rv == ReturnCode.SCARD_E_NO_MEMORY, again
+                    await trio.sleep(0.1)
+        finally:
+            finish(host_app)
+        assert host.alive(), host.log

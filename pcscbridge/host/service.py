@@ -219,12 +219,18 @@ class HostService:
             "host_contexts": self.host_contexts,
             "card_handles": sum(session.card_count for session in self.sessions),
             "transactions_held": sum(session.transactions for session in self.sessions),
-            "context_threads": sum(worker.alive for worker in self._workers),
+            "context_threads": self.context_threads(),
             "wait_enders": sum(thread.is_alive() for thread in self._wait_enders),
             "readers": len(self.readers.snapshot.readers),
             "limits": vars(self.limits),
             "calls": self.calls.snapshot(),
         }
+
+    def context_threads(self) -> int:
+        """Host contexts alive: the open ones, and released ones whose thread still waits for
+        pcscd to return a call (a connect pcscd holds behind another application's transaction
+        cannot be ended early); each keeps a connection to pcscd, so each counts."""
+        return sum(worker.alive for worker in self._workers)
 
     def new_worker(self) -> ContextWorker:
         self._workers = {worker for worker in self._workers if worker.alive}
@@ -412,8 +418,13 @@ class HostSession:
                 "%s holds %d host contexts already; refusing more", self.guest, len(self._contexts)
             )
             raise PCSCError(ReturnCode.SCARD_E_NO_MEMORY, "too many host contexts for this guest")
-        if self._service.host_contexts >= limits.contexts:
-            log.warning("guests hold %d host contexts already; refusing more", limits.contexts)
+        if self._service.context_threads() >= limits.contexts:
+            log.warning(
+                "guests hold %d host contexts already (%d of them released, waiting for pcscd "
+                "to return a call); refusing more",
+                limits.contexts,
+                self._service.context_threads() - self._service.host_contexts,
+            )
             raise PCSCError(ReturnCode.SCARD_E_NO_MEMORY, "too many host contexts")
         self._service.host_contexts += 1
         context = self._contexts[h_context] = HostContext(self._service.new_worker())
