@@ -13,8 +13,9 @@ Sharing violations: libpcsclite retries SCardTransmit, SCardStatus and SCardReco
 when it loads. The host sets it: the violation then goes back to the guest, whose own
 libpcsclite retries with its context free in between, exactly as a direct client does (two
 threads of one guest context, one holding a transaction, no longer deadlock on the host).
-SCardBeginTransaction retries in any case, releasing its context between tries, so releasing
-the context from another thread ends it.
+SCardBeginTransaction retries in any case, unlocking its context between tries, so
+disconnecting its card from another thread ends it (host/service.py HostContext.end_wait;
+releasing the context from another thread is never safe: libpcsclite frees it under a call).
 
 Blocking: pyscard releases the GIL around every SCard* call (SWIG %exception with
 Py_BEGIN_ALLOW_THREADS; checked in tests/test_backend_pyscard.py), so a call blocked in
