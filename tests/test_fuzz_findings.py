@@ -30,6 +30,15 @@ from stress.watch import echo_apdu, raw_echo
 READER = "Virtual PCD 00 00"
 
 
+async def assert_a_host_app_gets_the_card(rig: PcscdRig, tag: str, share_mode: int) -> None:
+    """A host application, straight on pcscd, connects, transmits and begins a transaction:
+    nothing a guest did is left holding the reader."""
+    taken = await trio.to_thread.run_sync(
+        lambda: raw_echo(rig.socket_path, READER, tag, share_mode)
+    )
+    assert taken is None, taken
+
+
 def test_a_client_gone_during_a_connect_leaves_no_card_handle_in_the_guest(
     pcscd_rig: PcscdRig, tmp_path: Path
 ) -> None:
@@ -121,10 +130,7 @@ async def test_a_failed_end_of_transaction_does_not_leave_the_reader_locked_afte
         assert not waited.cancelled_caught, "the connect waited behind its own transaction"
         assert again.rv == ReturnCode.SCARD_E_SHARING_VIOLATION
     # The link is gone: a host application gets the card.
-    taken = await trio.to_thread.run_sync(
-        lambda: raw_echo(pcscd_rig.socket_path, READER, "host app after the link", 1)
-    )
-    assert taken is None, taken
+    await assert_a_host_app_gets_the_card(pcscd_rig, "host app after the link", 1)
     assert "Traceback" not in host.log
 
 
@@ -158,10 +164,7 @@ async def test_a_context_released_with_calls_queued_on_it_leaves_the_host_workin
                 assert answer.rv or answer.result == [b"x" * 200 + b"\x90\x00"], answer
             assert host.alive(), host.log
     assert "Fatal Python error" not in host.log and "Traceback" not in host.log
-    taken = await trio.to_thread.run_sync(
-        lambda: raw_echo(pcscd_rig.socket_path, READER, "host app after the releases", 2)
-    )
-    assert taken is None, taken
+    await assert_a_host_app_gets_the_card(pcscd_rig, "host app after the releases", 2)
 
 
 async def test_a_begin_transaction_waiting_for_another_application_ends_with_its_context(
@@ -195,10 +198,7 @@ async def test_a_begin_transaction_waiting_for_another_application_ends_with_its
         finally:
             finish(host_app)
         assert host.alive(), host.log
-    taken = await trio.to_thread.run_sync(
-        lambda: raw_echo(pcscd_rig.socket_path, READER, "host app after the wait", 2)
-    )
-    assert taken is None, taken
+    await assert_a_host_app_gets_the_card(pcscd_rig, "host app after the wait", 2)
 
 
 async def test_contexts_released_while_pcscd_holds_their_connect_still_count_against_the_cap(

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import struct
 from dataclasses import dataclass
 
 import trio
 
+from ..pcsclite.messages import HEADER
 from ..transports.peers import peer_credentials
 
 log = logging.getLogger("pcscbridge.guest")
@@ -28,8 +28,6 @@ log = logging.getLogger("pcscbridge.guest")
 # sees "Access denied" rather than "Service not available" (the connection counts against
 # --max-clients meanwhile).
 REFUSAL_WAIT = 5.0
-# A request's header: its body's size and its command, native-endian 32-bit words.
-_HEADER = struct.Struct("=II")
 _LARGEST_FIRST_REQUEST = 4096  # a first request is CMD_VERSION (12 bytes) or a short one
 
 
@@ -85,7 +83,7 @@ def _whole_request(pending: bytes) -> bool:
     """Whether these first bytes hold a whole request (or none: the client hung up)."""
     if not pending:
         return True
-    if len(pending) < _HEADER.size:
+    if len(pending) < HEADER.size:
         return False
-    body_size, _command = _HEADER.unpack_from(pending)
-    return len(pending) >= min(_HEADER.size + body_size, _LARGEST_FIRST_REQUEST)
+    body_size, _command = HEADER.unpack_from(pending)
+    return len(pending) >= min(HEADER.size + body_size, _LARGEST_FIRST_REQUEST)
